@@ -1,0 +1,93 @@
+"""Regenerate the embedded default: data, tokenizer and tiny base model under examples/.
+
+  python examples/make_default.py
+
+Writes examples/data/{pretrain,sft_train,sft_eval}.jsonl, examples/tiny_model/tokenizer.model and a tiny
+base model (examples/tiny_model/{model_config.json,params/}) pretrained for a few hundred steps on plain-text
+renderings of the task ("12+34=46"), so that SFT has something to build on. Seeded: the data and tokenizer
+are identical on every run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from jalign import toy  # noqa: E402
+
+DATA = os.path.join(HERE, "data")
+MODEL = os.path.join(HERE, "tiny_model")
+SPECIAL = ["<extra_id_0>", "<extra_id_1>", "<extra_id_2>", "\n"]
+
+
+def write_jsonl(path, rows):
+  with open(path, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+
+
+def plain(q, a):
+  if q.startswith("What is "):
+    return q[len("What is "):-1] + "=" + a
+  return q[len("Reverse "):-1] + " reversed is " + a
+
+
+def make_data(seed=0):
+  rng = random.Random(seed)
+  qs = [toy.make_question(rng) for _ in range(40000)]
+  seen, uniq = set(), []
+  for q, a in qs:
+    if q not in seen:
+      seen.add(q)
+      uniq.append((q, a))
+  eval_qs, train_qs = uniq[:200], uniq[200:4200]
+  pretrain_qs = uniq[200:]  # everything but the eval questions, as plain text
+  os.makedirs(DATA, exist_ok=True)
+  write_jsonl(os.path.join(DATA, "sft_train.jsonl"), [toy.nemo_chat_row(q, a) for q, a in train_qs])
+  write_jsonl(os.path.join(DATA, "sft_eval.jsonl"), [toy.nemo_chat_row(q, a) for q, a in eval_qs])
+  write_jsonl(os.path.join(DATA, "pretrain.jsonl"), [{"text": plain(q, a)} for q, a in pretrain_qs])
+  return train_qs
+
+
+def make_tokenizer(train_qs):
+  import sentencepiece as spm
+  os.makedirs(MODEL, exist_ok=True)
+  with tempfile.TemporaryDirectory() as tmp:
+    corpus = os.path.join(tmp, "corpus.txt")
+    with open(corpus, "w") as f:
+      for q, a in train_qs:
+        f.write(f"User {q} Assistant {a} System\n{plain(q, a)}\n")
+    spm.SentencePieceTrainer.train(
+        input=corpus, model_prefix=os.path.join(tmp, "tok"), vocab_size=320, model_type="bpe",
+        user_defined_symbols=SPECIAL, add_dummy_prefix=False, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, byte_fallback=True, character_coverage=1.0, split_digits=True,
+        bos_id=1, eos_id=2, pad_id=3, unk_id=0, minloglevel=2, num_threads=1)
+    shutil.copy(os.path.join(tmp, "tok.model"), os.path.join(MODEL, "tokenizer.model"))
+
+
+def make_base_model():
+  from jalign import train
+  with tempfile.TemporaryDirectory() as work:
+    rc = train.main(["--config", os.path.join(os.path.dirname(HERE), "configs", "pretrain_tiny.py"),
+                     "--workdir", work])
+    if rc:
+      raise SystemExit(f"pretraining failed ({rc})")
+    for name in ("params", "model_config.json"):
+      dst = os.path.join(MODEL, name)
+      if os.path.isdir(dst):
+        shutil.rmtree(dst)
+      src = os.path.join(work, "model", name)
+      (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, dst)
+
+
+if __name__ == "__main__":
+  train_qs = make_data()
+  make_tokenizer(train_qs)
+  make_base_model()
+  print("wrote", DATA, "and", MODEL)

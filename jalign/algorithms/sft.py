@@ -1,0 +1,32 @@
+"""Supervised fine-tuning: token-level negative log-likelihood on the trainable (answer) tokens.
+
+The loss is a global token mean over the whole global batch (sum of NLL / number of target tokens), so it does
+not depend on how the batch is split into micro-batches or devices. (NeMo-Aligner averages per micro-batch and
+then over micro-batches; the two agree when every micro-batch has the same number of target tokens.)
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jalign.models import transformer
+
+BATCH_AXES = {"tokens": ("batch", "length"), "loss_mask": ("batch", "length"),
+              "segment_ids": ("batch", "length"), "positions": ("batch", "length")}
+
+
+def target_mask(batch):
+  """[B, T-1]: token t+1 is a target (trainable, same segment as its context, not padding)."""
+  seg = batch["segment_ids"]
+  return batch["loss_mask"][:, 1:] & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+
+
+def loss_fn(params, batch, model_cfg, rng=None):
+  """Returns (summed NLL, number of target tokens, summed metrics)."""
+  logits_BTV = transformer.forward(params, batch["tokens"], model_cfg, positions_BT=batch["positions"],
+                                   segment_ids_BT=batch["segment_ids"], dropout_rng=rng)
+  logp_BT = transformer.token_logprobs(logits_BTV, batch["tokens"])
+  mask_BT = target_mask(batch)
+  nll_sum = -jnp.sum(jnp.where(mask_BT, logp_BT, 0.0))
+  n_tokens = jnp.sum(mask_BT).astype(jnp.float32)
+  correct = jnp.argmax(logits_BTV[:, :-1], axis=-1) == batch["tokens"][:, 1:]
+  return nll_sum, n_tokens, {"loss": nll_sum, "token_acc": jnp.sum(correct & mask_BT).astype(jnp.float32)}

@@ -1,0 +1,228 @@
+"""Experiment configs: ``configs/*.py`` files whose ``get_config()`` returns an ``ml_collections.ConfigDict``.
+
+``base_config()`` holds every key with its default; a config file starts from it and changes what it needs.
+Command-line overrides (``--config.optim.lr=3e-4``) are type-checked against the existing value; an unknown
+key fails at start with the closest known keys suggested.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+from jalign import sharding
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.algorithm = "sft"
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=0, ffn_size=128,
+      rope_theta=10000.0, rope_scaling="none", rope_factor=1.0, rope_low_freq_factor=1.0,
+      rope_high_freq_factor=4.0, rope_original_max_position=8192, rms_norm_eps=1e-6, qkv_bias=False,
+      tie_embeddings=False, sliding_window=0, param_dtype="float32", dtype="float32", remat="none",
+      attention="xla", num_value_heads=0,
+      checkpoint="",  # initialise weights from a jalign model dir or a run's checkpoint dir
+  ))
+  c.model.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets=("q", "v")))
+
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      path="",           # a SentencePiece .model, an HF tokenizer.json, or a directory holding either
+      chat_template="nemo",  # nemo | hf (the template in tokenizer_config.json)
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      train_path="", eval_path="",
+      max_seq_len=512,
+      truncation="error",   # error | right | left: what to do with a prompt longer than the maximum
+      answer_only_loss=True,
+      packing=False,
+      skip_invalid=False,   # skip (and count) bad rows instead of stopping
+      add_bos=False, add_eos=True,
+      prompt_template="{input} {output}",  # NeMo prompt/response template
+      shuffle=True,
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      max_steps=100, global_batch_size=8, micro_batch_size=0,  # 0: no accumulation
+      grad_clip=1.0, log_every=1, peak_tflops=0.0,  # 0: known accelerators only
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=3e-4, min_lr=0.0, warmup_steps=0, schedule="cosine",  # cosine | linear | constant
+      b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01,
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=sharding.DEFAULT_RULES))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=3, async_save=True))
+  c.eval = ml_collections.ConfigDict(dict(every_steps=50, max_batches=0, num_samples=0, max_new_tokens=32))
+  c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=1, process_id=0,
+                                                 timeout_s=300))
+  return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  if not os.path.exists(path):
+    raise ConfigError(f"config file not found: {path}")
+  spec = importlib.util.spec_from_file_location("_jalign_user_config", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  if not hasattr(mod, "get_config"):
+    raise ConfigError(f"{path}: defines no get_config()")
+  cfg = mod.get_config()
+  _check_against_base(cfg, base_config(), path)
+  return cfg
+
+
+def _all_keys(cfg, prefix="") -> list[str]:
+  out = []
+  for k, v in cfg.items():
+    name = f"{prefix}{k}"
+    out.append(name)
+    if isinstance(v, ml_collections.ConfigDict):
+      out += _all_keys(v, name + ".")
+  return out
+
+
+def _unknown(key: str, known: list[str]) -> ConfigError:
+  close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+  hint = f"; did you mean {', '.join(close)}?" if close else ""
+  return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _check_against_base(cfg, base, where):
+  known = _all_keys(base)
+  for k in _all_keys(cfg):
+    if k not in known:
+      raise ConfigError(f"{where}: " + str(_unknown(k, known)).strip("'"))
+
+
+def _parse_value(key: str, text: str, current):
+  def bad(expect):
+    return ConfigError(f"--config.{key}={text!r}: expected {expect} (current value {current!r})")
+  if isinstance(current, bool):
+    if text.lower() in ("true", "1", "yes"):
+      return True
+    if text.lower() in ("false", "0", "no"):
+      return False
+    raise bad("a boolean")
+  if isinstance(current, int):
+    try:
+      return int(text)
+    except ValueError:
+      raise bad("an integer") from None
+  if isinstance(current, float):
+    try:
+      return float(text)
+    except ValueError:
+      raise bad("a number") from None
+  if isinstance(current, (tuple, list)):
+    try:
+      val = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      val = tuple(s for s in text.split(",") if s)
+    if isinstance(val, str):
+      val = (val,)
+    if not isinstance(val, (tuple, list)):
+      raise bad("a list")
+    return tuple(val)
+  if isinstance(current, str):
+    return text
+  if current is None:
+    try:
+      return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      return text
+  raise bad(type(current).__name__)
+
+
+def apply_overrides(cfg, overrides: dict[str, str]):
+  known = _all_keys(cfg)
+  for key, text in overrides.items():
+    parts = key.split(".")
+    node = cfg
+    for p in parts[:-1]:
+      if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+        raise _unknown(key, known)
+      node = node[p]
+    if parts[-1] not in node or isinstance(node[parts[-1]], ml_collections.ConfigDict):
+      raise _unknown(key, known)
+    with node.unlocked():
+      node[parts[-1]] = _parse_value(key, text, node[parts[-1]])
+  return cfg
+
+
+def parse_args(argv: list[str]) -> tuple[ml_collections.ConfigDict, dict]:
+  """Parse ``--config PATH --config.x.y=V ... --workdir DIR`` into (config, other flags)."""
+  path, overrides, flags = None, {}, {}
+  i = 0
+  while i < len(argv):
+    a = argv[i]
+    if not a.startswith("--"):
+      raise ConfigError(f"unexpected argument {a!r}")
+    name, eq, val = a[2:].partition("=")
+    if not eq:
+      if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+        raise ConfigError(f"--{name} needs a value")
+      val = argv[i + 1]
+      i += 1
+    if name == "config":
+      path = val
+    elif name.startswith("config."):
+      overrides[name[len("config."):]] = val
+    else:
+      flags[name] = val
+    i += 1
+  if path is None:
+    raise ConfigError("--config PATH is required (e.g. --config configs/quickstart.py)")
+  cfg = load_config_file(path)
+  merged = base_config()
+  _merge(merged, cfg)
+  apply_overrides(merged, overrides)
+  validate(merged)
+  merged.lock()
+  return merged, flags
+
+
+def _merge(dst, src):
+  for k, v in src.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      _merge(dst[k], v)
+    else:
+      with dst.unlocked():
+        dst[k] = v
+
+
+def validate(cfg):
+  t, d, o = cfg.train, cfg.data, cfg.optim
+  if cfg.algorithm not in ("sft",):
+    raise ConfigError(f"algorithm={cfg.algorithm!r}: available: sft")
+  if t.max_steps <= 0:
+    raise ConfigError(f"train.max_steps must be > 0, got {t.max_steps}")
+  if t.global_batch_size <= 0:
+    raise ConfigError(f"train.global_batch_size must be > 0, got {t.global_batch_size}")
+  if t.micro_batch_size and t.global_batch_size % t.micro_batch_size:
+    raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                      f"train.micro_batch_size={t.micro_batch_size}")
+  if d.truncation not in ("error", "left", "right"):
+    raise ConfigError(f"data.truncation={d.truncation!r}: choose error, left or right")
+  if o.schedule not in ("cosine", "linear", "constant"):
+    raise ConfigError(f"optim.schedule={o.schedule!r}: choose cosine, linear or constant")
+  if cfg.tokenizer.chat_template not in ("nemo", "hf"):
+    raise ConfigError(f"tokenizer.chat_template={cfg.tokenizer.chat_template!r}: choose nemo or hf")
+  if d.max_seq_len < 2:
+    raise ConfigError(f"data.max_seq_len must be >= 2, got {d.max_seq_len}")
+
+
+def to_json(cfg) -> str:
+  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=list)

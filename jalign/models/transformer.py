@@ -1,0 +1,318 @@
+"""One decoder-only transformer for the Llama family, as pure functions over a parameter dict.
+
+Options cover Llama 2/3 (RoPE with linear or Llama-3 scaling), Mistral (sliding window), Qwen2 (q/k/v bias, tied
+embeddings), GQA/MQA, a value/reward head with N outputs and LoRA adapters. Layers are stacked on a leading axis
+and run under ``lax.scan``, so compile time does not grow with depth.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jalign import sharding
+from jalign import kernels
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 256
+  hidden_size: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 0            # 0: hidden_size // num_heads
+  ffn_size: int = 128
+  rope_theta: float = 10000.0
+  rope_scaling: str = "none"   # none | linear | llama3
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 8192
+  rms_norm_eps: float = 1e-6
+  qkv_bias: bool = False
+  tie_embeddings: bool = False
+  sliding_window: int = 0      # 0: full attention
+  param_dtype: str = "float32"
+  dtype: str = "float32"       # compute dtype
+  remat: str = "none"          # none | full | dots
+  attention: str = "xla"
+  num_value_heads: int = 0     # >0 adds a value/reward head with that many outputs
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple = ("q", "v")
+
+  @property
+  def dh(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
+  @classmethod
+  def from_config(cls, c) -> "ModelConfig":
+    """From ``config.model`` (a ConfigDict or dict); keys that are not model fields are ignored."""
+    d = dict(c)
+    lora = dict(d.pop("lora", {}) or {})
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in d.items() if k in fields}
+    if lora:
+      kw.update(lora_rank=lora.get("rank", 0), lora_alpha=lora.get("alpha", 16.0),
+                lora_dropout=lora.get("dropout", 0.0), lora_targets=tuple(lora.get("targets", ("q", "v"))))
+    cfg = cls(**kw)
+    cfg.validate()
+    return cfg
+
+  def validate(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"model.num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.rope_scaling not in ("none", "linear", "llama3"):
+      raise ValueError(f"model.rope_scaling={self.rope_scaling!r}: choose none, linear or llama3")
+    if self.remat not in ("none", "full", "dots"):
+      raise ValueError(f"model.remat={self.remat!r}: choose none, full or dots")
+    bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
+    if bad:
+      raise ValueError(f"model.lora.targets: unknown {bad}; choose from {LORA_TARGETS}")
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["lora_targets"] = list(self.lora_targets)
+    return d
+
+
+# ----------------------------------------------------------------------------------------------- parameters
+
+def _layer_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:
+  D, H, K, Dh, F, L = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dh, cfg.ffn_size, cfg.num_layers
+  s = {
+      "attn_norm": ((L, D), ("layers", "norm")),
+      "q": ((L, D, H, Dh), ("layers", "embed", "q_heads", "head_dim")),
+      "k": ((L, D, K, Dh), ("layers", "embed", "kv_heads", "head_dim")),
+      "v": ((L, D, K, Dh), ("layers", "embed", "kv_heads", "head_dim")),
+      "o": ((L, H, Dh, D), ("layers", "q_heads", "head_dim", "embed")),
+      "mlp_norm": ((L, D), ("layers", "norm")),
+      "gate": ((L, D, F), ("layers", "embed", "mlp")),
+      "up": ((L, D, F), ("layers", "embed", "mlp")),
+      "down": ((L, F, D), ("layers", "mlp", "embed")),
+  }
+  if cfg.qkv_bias:
+    s["q_bias"] = ((L, H, Dh), ("layers", "q_heads", "head_dim"))
+    s["k_bias"] = ((L, K, Dh), ("layers", "kv_heads", "head_dim"))
+    s["v_bias"] = ((L, K, Dh), ("layers", "kv_heads", "head_dim"))
+  return s
+
+
+# Number of leading "input" dims (after the layer axis) of each projection; the rest are output dims.
+_IN_DIMS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
+
+
+def param_specs(cfg: ModelConfig) -> dict:
+  """Nested dict of (shape, logical_axes) for every parameter."""
+  V, D = cfg.vocab_size, cfg.hidden_size
+  specs: dict[str, Any] = {"embed": ((V, D), ("vocab", "embed")),
+                           "layers": _layer_shapes(cfg),
+                           "final_norm": ((D,), ("norm",))}
+  if not cfg.tie_embeddings:
+    specs["lm_head"] = ((D, V), ("embed", "vocab"))
+  if cfg.num_value_heads:
+    specs["value_head"] = {"w": ((D, cfg.num_value_heads), ("embed", "value_out")),
+                           "b": ((cfg.num_value_heads,), ("value_out",))}
+  if cfg.lora_rank:
+    lora = {}
+    for name in cfg.lora_targets:
+      shape, axes = _layer_shapes(cfg)[name]
+      n_in = _IN_DIMS[name]
+      in_shape, out_shape = shape[1:1 + n_in], shape[1 + n_in:]
+      in_axes, out_axes = axes[1:1 + n_in], axes[1 + n_in:]
+      lora[name] = {"a": ((cfg.num_layers, *in_shape, cfg.lora_rank), ("layers", *in_axes, "lora_rank")),
+                    "b": ((cfg.num_layers, cfg.lora_rank, *out_shape), ("layers", "lora_rank", *out_axes))}
+    specs["lora"] = lora
+  return specs
+
+
+def _is_spec(x):
+  return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple) and isinstance(x[1], tuple)
+
+
+def param_axes(cfg: ModelConfig) -> dict:
+  return jax.tree.map(lambda s: s[1], param_specs(cfg), is_leaf=_is_spec)
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+  dt = jnp.dtype(cfg.param_dtype)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s[0], dt), param_specs(cfg), is_leaf=_is_spec)
+
+
+def init_params(cfg: ModelConfig, rng) -> dict:
+  """Random init: normal(0.02) for matrices (scaled for output projections), ones for norms, zeros for biases
+  and for LoRA ``b`` (so a fresh adapter is an exact no-op)."""
+  specs = param_specs(cfg)
+  flat, treedef = jax.tree.flatten_with_path(specs, is_leaf=_is_spec)
+  keys = jax.random.split(rng, len(flat))
+  dt = jnp.dtype(cfg.param_dtype)
+  out = []
+  for (path, (shape, _)), key in zip(flat, keys):
+    name = "/".join(str(getattr(p, "key", p)) for p in path)
+    last = name.split("/")[-1]
+    if last.endswith("norm"):
+      x = jnp.ones(shape, dt)
+    elif last.endswith("bias") or last == "b" and "value_head" in name:
+      x = jnp.zeros(shape, dt)
+    elif name.startswith("lora/") and last == "b":
+      x = jnp.zeros(shape, dt)
+    elif name.startswith("lora/") and last == "a":
+      fan_in = math.prod(shape[1:-1])
+      x = jax.random.normal(key, shape, jnp.float32).astype(dt) * (1.0 / math.sqrt(fan_in))
+    else:
+      std = 0.02 / math.sqrt(2 * cfg.num_layers) if last in ("o", "down") else 0.02
+      x = (jax.random.normal(key, shape, jnp.float32) * std).astype(dt)
+    out.append(x)
+  return jax.tree.unflatten(treedef, out)
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+# ------------------------------------------------------------------------------------------------- forward
+
+def rms_norm(x, w, eps):
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  Dh = cfg.dh
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, Dh, 2, dtype=np.float64) / Dh))
+  if cfg.rope_scaling == "linear":
+    inv = inv / cfg.rope_factor
+  elif cfg.rope_scaling == "llama3":
+    old = cfg.rope_original_max_position
+    low_wl, high_wl = old / cfg.rope_low_freq_factor, old / cfg.rope_high_freq_factor
+    wl = 2 * np.pi / inv
+    scaled = np.where(wl > low_wl, inv / cfg.rope_factor, inv)
+    smooth = (old / wl - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+    medium = ~(wl < high_wl) & ~(wl > low_wl)
+    inv = np.where(medium, smoothed, scaled)
+  return inv.astype(np.float32)
+
+
+def apply_rope(x_BTHD, positions_BT, inv_freq):
+  """Rotate-half RoPE (the Hugging Face layout)."""
+  freqs_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  cos = jnp.cos(freqs_BTF)[:, :, None, :]
+  sin = jnp.sin(freqs_BTF)[:, :, None, :]
+  x = x_BTHD.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTHD.dtype)
+
+
+def _proj(name, x, layer, lora, cfg, dt, drop_key):
+  """x @ W[name] (+ LoRA delta), contracting the input dims of W."""
+  n_in = _IN_DIMS[name]
+  w = layer[name].astype(dt)
+  in_letters = "hd"[:n_in] if n_in == 2 else "e"
+  out_letters = {"q": "hd", "k": "hd", "v": "hd", "o": "e", "gate": "f", "up": "f", "down": "e"}[name]
+  if name == "down":
+    in_letters = "f"
+  y = jnp.einsum(f"bt{in_letters},{in_letters}{out_letters}->bt{out_letters}", x, w)
+  if lora is not None and name in lora:
+    a, b = lora[name]["a"].astype(dt), lora[name]["b"].astype(dt)
+    xa = x
+    if cfg.lora_dropout and drop_key is not None:
+      keep = jax.random.bernoulli(jax.random.fold_in(drop_key, LORA_TARGETS.index(name)),
+                                  1 - cfg.lora_dropout, x.shape)
+      xa = jnp.where(keep, x / (1 - cfg.lora_dropout), 0).astype(dt)
+    h = jnp.einsum(f"bt{in_letters},{in_letters}r->btr", xa, a)
+    y = y + (cfg.lora_alpha / cfg.lora_rank) * jnp.einsum(f"btr,r{out_letters}->bt{out_letters}", h, b)
+  return y
+
+
+def _block(cfg: ModelConfig, inv_freq, x_BTD, layer, lora, positions_BT, segment_ids_BT, drop_key):
+  dt = jnp.dtype(cfg.dtype)
+  h = rms_norm(x_BTD, layer["attn_norm"], cfg.rms_norm_eps)
+  q = _proj("q", h, layer, lora, cfg, dt, drop_key)
+  k = _proj("k", h, layer, lora, cfg, dt, drop_key)
+  v = _proj("v", h, layer, lora, cfg, dt, drop_key)
+  if cfg.qkv_bias:
+    q, k, v = q + layer["q_bias"].astype(dt), k + layer["k_bias"].astype(dt), v + layer["v_bias"].astype(dt)
+  q = sharding.constrain(apply_rope(q, positions_BT, inv_freq), ("batch", "length", "act_heads", None))
+  k = sharding.constrain(apply_rope(k, positions_BT, inv_freq), ("batch", "length", "act_kv_heads", None))
+  v = sharding.constrain(v, ("batch", "length", "act_kv_heads", None))
+  attn = kernels.attention(q, k, v, implementation=cfg.attention, q_segment_ids_BT=segment_ids_BT,
+                                     q_positions_BT=positions_BT, kv_positions_BS=positions_BT, causal=True,
+                                     sliding_window=cfg.sliding_window)
+  x_BTD = x_BTD + _proj("o", attn, layer, lora, cfg, dt, drop_key)
+  x_BTD = sharding.constrain(x_BTD, ("batch", "length", "act_embed"))
+  h = rms_norm(x_BTD, layer["mlp_norm"], cfg.rms_norm_eps)
+  g = _proj("gate", h, layer, lora, cfg, dt, drop_key)
+  u = _proj("up", h, layer, lora, cfg, dt, drop_key)
+  m = sharding.constrain(jax.nn.silu(g) * u, ("batch", "length", "act_mlp"))
+  x_BTD = x_BTD + _proj("down", m, layer, lora, cfg, dt, drop_key)
+  return sharding.constrain(x_BTD, ("batch", "length", "act_embed"))
+
+
+def hidden_states(params, tokens_BT, cfg: ModelConfig, *, positions_BT=None, segment_ids_BT=None,
+                  dropout_rng=None):
+  """Final-norm hidden states [B, T, D] in the compute dtype. LoRA applies when ``params`` holds ``lora``."""
+  B, T = tokens_BT.shape
+  dt = jnp.dtype(cfg.dtype)
+  if positions_BT is None:
+    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  x = jnp.take(params["embed"], tokens_BT, axis=0).astype(dt)
+  x = sharding.constrain(x, ("batch", "length", "act_embed"))
+  inv_freq = jnp.asarray(rope_inv_freq(cfg))
+  lora = params.get("lora")
+
+  def body(x, xs):
+    layer, lora_l, i = xs
+    key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+    return _block(cfg, inv_freq, x, layer, lora_l, positions_BT, segment_ids_BT, key), None
+
+  if cfg.remat == "full":
+    body = jax.checkpoint(body)
+  elif cfg.remat == "dots":
+    body = jax.checkpoint(body, policy=jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims)
+  x, _ = jax.lax.scan(body, x, (params["layers"], lora, jnp.arange(cfg.num_layers)))
+  return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+
+
+def logits_from_hidden(params, h_BTD, cfg: ModelConfig):
+  dt = jnp.dtype(cfg.dtype)
+  w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+  logits = jnp.einsum("btd,dv->btv", h_BTD, w.astype(dt), preferred_element_type=jnp.float32)
+  return sharding.constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def values_from_hidden(params, h_BTD):
+  """Value/reward head on every position: [B, T, N] float32."""
+  vh = params["value_head"]
+  return (jnp.einsum("btd,dn->btn", h_BTD.astype(jnp.float32), vh["w"].astype(jnp.float32))
+          + vh["b"].astype(jnp.float32))
+
+
+def forward(params, tokens_BT, cfg: ModelConfig, **kwargs):
+  """Logits [B, T, V] in float32."""
+  return logits_from_hidden(params, hidden_states(params, tokens_BT, cfg, **kwargs), cfg)
+
+
+def token_logprobs(logits_BTV, tokens_BT):
+  """log p(token t+1 | prefix) for t in [0, T-1): [B, T-1] float32 (the shifted space)."""
+  logz = jax.nn.logsumexp(logits_BTV[:, :-1], axis=-1)
+  picked = jnp.take_along_axis(logits_BTV[:, :-1], tokens_BT[:, 1:, None], axis=-1)[..., 0]
+  return picked - logz
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward = 3x forward), matmuls and attention scores."""
+  D, H, K, Dh, F, L, V = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dh, cfg.ffn_size,
+                          cfg.num_layers, cfg.vocab_size)
+  per_layer = 2 * D * (H + 2 * K) * Dh + 2 * H * Dh * D + 2 * 3 * D * F + 2 * 2 * H * Dh * seq_len
+  return 3.0 * (L * per_layer + 2 * D * V)

@@ -1,0 +1,273 @@
+"""``python -m jalign.train --config configs/<x>.py --workdir DIR [--config.key=value ...]``
+
+Parse and validate the config, build the mesh, the model, the data and the algorithm's step, then run the
+shared loop. Re-running the same command resumes from the newest complete checkpoint in ``DIR/checkpoints``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import time
+
+# Bad input must print one line, not a wall of traceback: these are the errors we explain ourselves.
+from jalign import config as config_lib
+
+log = logging.getLogger("jalign")
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
+               "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0}
+ARCH_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_size",
+             "rope_theta", "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+             "rope_original_max_position", "rms_norm_eps", "qkv_bias", "tie_embeddings", "sliding_window")
+
+
+def peak_flops_per_device(cfg, device) -> float:
+  if cfg.train.peak_tflops:
+    return cfg.train.peak_tflops * 1e12
+  kind = getattr(device, "device_kind", "")
+  for name, tf in PEAK_TFLOPS.items():
+    if name in kind:
+      return tf * 1e12
+  return 0.0
+
+
+def model_config_for(cfg):
+  """The model config; with ``model.checkpoint``, architecture keys come from the checkpoint."""
+  from jalign import checkpoint
+  from jalign.models import ModelConfig
+  d = cfg.model.to_dict()
+  if cfg.model.checkpoint:
+    saved = checkpoint.read_model_config(checkpoint.resolve_model_dir(cfg.model.checkpoint))
+    d.update({k: saved[k] for k in ARCH_KEYS if k in saved})
+  return ModelConfig.from_config(d)
+
+
+def _prompt_and_reference(ex):
+  first = int(ex.loss_mask.argmax()) if ex.loss_mask.any() else len(ex.tokens)
+  return list(ex.tokens[:first]), list(ex.tokens[first:])
+
+
+def show_samples(title, params, model_cfg, tok, examples, cfg, progress):
+  from jalign import generate
+  n = min(cfg.eval.num_samples, len(examples))
+  if not n:
+    return []
+  prompts, refs = zip(*[_prompt_and_reference(e) for e in examples[:n]])
+  stop = {i for i in (tok.token_to_id("<extra_id_1>"), tok.eos_id) if i is not None}
+  outs = generate.generate(params, model_cfg, list(prompts), max_new_tokens=cfg.eval.max_new_tokens,
+                           stop_ids=stop, pad_id=tok.pad_id)
+  progress.message(f"--- samples {title} ---")
+  rows = []
+  for p, r, o in zip(prompts, refs, outs):
+    q = tok.decode(p).replace("\n", "\\n")[-60:]
+    got, want = tok.decode(o).replace("\n", "\\n"), tok.decode(r).replace("\n", "\\n")
+    progress.message(f"  ...{q} -> {got!r} (reference {want!r})")
+    rows.append((got, want))
+  return rows
+
+
+def run(cfg, workdir: str, on_step=None) -> dict:
+  """Train; returns a summary dict (with the final ``state``). ``on_step(step, metrics)`` is called each step."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from jalign import algorithms, checkpoint, data, sharding, trainer
+  from jalign.metrics import MetricWriter, Progress
+  from jalign.models import init_params, lora, param_axes, param_shapes, transformer
+
+  sharding.maybe_initialize_distributed(cfg)
+  pid, nproc = jax.process_index(), jax.process_count()
+  main_proc = pid == 0
+  workdir = os.path.abspath(workdir)
+  if main_proc:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(cfg))
+
+  model_cfg = model_config_for(cfg)
+  tok_path = cfg.tokenizer.path or (checkpoint.resolve_model_dir(cfg.model.checkpoint) if cfg.model.checkpoint
+                                    else "")
+  tok = data.load_tokenizer(tok_path)
+  if tok.vocab_size > model_cfg.vocab_size:
+    raise config_lib.ConfigError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size="
+                                 f"{model_cfg.vocab_size}")
+  algo = algorithms.get(cfg.algorithm)
+
+  # ---- data
+  if not cfg.data.train_path:
+    raise config_lib.ConfigError("data.train_path is empty")
+  train_ex, skipped = data.load_sft_examples(cfg.data.train_path, tok, cfg.data, cfg.tokenizer.chat_template)
+  eval_ex = []
+  if cfg.data.eval_path:
+    eval_ex, eval_skipped = data.load_sft_examples(cfg.data.eval_path, tok, cfg.data, cfg.tokenizer.chat_template)
+    skipped += eval_skipped
+  T = cfg.data.max_seq_len
+  rows = data.build_rows(train_ex, T, tok.pad_id, cfg.data.packing)
+  gb = cfg.train.global_batch_size
+  train_ds = data.train_dataset(rows, global_batch=gb, seed=cfg.seed, shuffle=cfg.data.shuffle,
+                                process_index=pid, process_count=nproc)
+  data_iter = iter(train_ds)
+
+  # ---- mesh, shardings
+  mesh = sharding.make_mesh(cfg.mesh)
+  rules = sharding.rules_from_config(cfg.mesh.rules)
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  mbs = cfg.train.micro_batch_size or gb // dp
+  if gb % (mbs * dp):
+    raise config_lib.ConfigError(f"train.global_batch_size={gb} must be a multiple of train.micro_batch_size="
+                                 f"{mbs} x data-parallel size {dp}")
+  n_micro = gb // (mbs * dp)
+  batch_sh = {k: sharding.named_sharding(ax, rules, mesh, (gb, T)) for k, ax in algo.BATCH_AXES.items()}
+
+  axes = param_axes(model_cfg)
+  shapes = param_shapes(model_cfg)
+  trainable_keys = lora.trainable_keys(shapes)
+  optimizer, schedule = trainer.make_optimizer(cfg.optim, cfg.train.max_steps, cfg.train.grad_clip)
+
+  def init_state(rng, base=None):
+    p_rng, s_rng = jax.random.split(rng)
+    params = init_params(model_cfg, p_rng)
+    if base is not None:
+      params.update(base)
+    tr = {k: v for k, v in params.items() if k in trainable_keys}
+    fr = {k: v for k, v in params.items() if k not in trainable_keys}
+    return {"step": jnp.zeros((), jnp.int32), "params": tr, "frozen": fr, "opt_state": optimizer.init(tr),
+            "rng": s_rng}
+
+  abstract = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+  state_sh = trainer.state_shardings(abstract, axes, mesh, rules, optimizer)
+  param_sh = {**state_sh["frozen"], **state_sh["params"]}
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep,
+                                 cfg.checkpoint.async_save)
+  start_step = ckpt.latest_step() or 0
+  rng = jax.random.PRNGKey(cfg.seed)
+  if start_step:
+    state, data_state = ckpt.restore(start_step, trainer.abstract_with_shardings(abstract, state_sh))
+    data_iter.set_state(data_state)
+    log.info("resumed from %s/checkpoints/%d", workdir, start_step)
+  elif cfg.model.checkpoint:
+    base_keys = [k for k in shapes if k not in ("lora", "value_head")]
+    base_abs = {k: jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                shapes[k], param_sh[k]) for k in base_keys}
+    base = checkpoint.load_params(cfg.model.checkpoint, base_abs)
+    state = jax.jit(init_state, out_shardings=state_sh)(rng, base)
+  else:
+    state = jax.jit(init_state, out_shardings=state_sh)(rng)
+
+  # ---- steps
+  loss_fn = functools.partial(_bind_loss, algo.loss_fn, model_cfg)
+
+  def traced(fn):
+    def wrapped(*a):
+      with sharding.use(mesh, rules):
+        return fn(*a)
+    return wrapped
+
+  train_step = jax.jit(traced(trainer.make_train_step(loss_fn, optimizer, schedule, n_micro)),
+                       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
+                       donate_argnums=(0,))
+  eval_step = jax.jit(traced(trainer.make_eval_step(loss_fn)),
+                      in_shardings=(state_sh["params"], state_sh["frozen"], batch_sh),
+                      out_shardings=sharding.replicated(mesh))
+  eval_rows = data.build_rows(eval_ex, T, tok.pad_id, cfg.data.packing) if eval_ex else None
+
+  def eval_fn(st):
+    tot_w, tot = 0.0, {}
+    for b in data.eval_batches(eval_rows, global_batch=gb, pad_id=tok.pad_id, process_index=pid,
+                               process_count=nproc, max_batches=cfg.eval.max_batches):
+      w, m = jax.device_get(eval_step(st["params"], st["frozen"], trainer.to_global(b, batch_sh)))
+      tot_w += float(w)
+      for k, v in m.items():
+        tot[k] = tot.get(k, 0.0) + float(v)
+    return {f"val_{k}": v / max(tot_w, 1.0) for k, v in tot.items()}
+
+  writer = MetricWriter(workdir, enabled=main_proc, resume_step=start_step)
+  progress = Progress(cfg.train.max_steps, start_step, enabled=main_proc, every=cfg.train.log_every)
+  n_params = transformer.count_params(shapes)
+  progress.message(f"jalign: {cfg.algorithm} | model {n_params / 1e6:.2f}M params | mesh "
+                   f"{dict(mesh.shape)} | {jax.process_count()} process(es) | {len(train_ex)} train rows "
+                   f"-> {len(rows['tokens'])} sequences of {T} | {len(eval_ex)} eval rows | skipped {skipped} "
+                   f"invalid | steps {start_step}->{cfg.train.max_steps}")
+
+  def full_params(st):
+    return {**st["frozen"], **st["params"]}
+
+  summary = {"workdir": workdir, "skipped_rows": skipped, "start_step": start_step}
+  if eval_rows is not None and start_step == 0 and cfg.eval.every_steps:
+    ev = eval_fn(state)
+    writer.write(0, ev)
+    progress.message("step 0: " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
+    summary["initial_eval"] = ev
+  if start_step == 0:
+    summary["samples_before"] = show_samples("before training", full_params(state), model_cfg, tok, eval_ex,
+                                             cfg, progress)
+  peak = peak_flops_per_device(cfg, jax.devices()[0]) * jax.device_count()
+  t_start = time.time()
+  reason, step = "done", start_step
+  if start_step < cfg.train.max_steps:
+    state, step, reason = trainer.run(
+        state=state, train_step=train_step, eval_fn=eval_fn if eval_rows is not None else None,
+        data_iter=data_iter, batch_shardings=batch_sh, max_steps=cfg.train.max_steps, start_step=start_step,
+        checkpointer=ckpt, ckpt_every=cfg.checkpoint.every_steps, eval_every=cfg.eval.every_steps,
+        writer=writer, progress=progress, global_batch=gb, seq_len=T,
+        flops_per_token=transformer.flops_per_token(model_cfg, T), peak_flops=peak,
+        on_step=on_step)
+  progress.close()
+  ckpt.close()
+  summary.update(final_step=step, reason=reason, train_seconds=time.time() - t_start)
+  if reason == "done":
+    summary["samples_after"] = show_samples("after training", full_params(state), model_cfg, tok, eval_ex, cfg,
+                                            progress)
+    export = lora.merge(full_params(state), model_cfg)
+    export_cfg = model_cfg.to_dict()
+    export_cfg.update(lora_rank=0)
+    checkpoint.save_model(os.path.join(workdir, "model"), export, export_cfg, tok.files())
+  writer.close()
+  if main_proc:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump({k: v for k, v in summary.items() if not k.startswith("samples")}, f, indent=2)
+    progress.message(f"{'finished' if reason == 'done' else 'stopped (' + reason + ')'} at step {step}.\n"
+                     f"  checkpoints: {ckpt.directory}\n"
+                     f"  metrics:     {writer.path}\n"
+                     f"  tensorboard: {os.path.join(workdir, 'tensorboard')}"
+                     + (f"\n  model:       {os.path.join(workdir, 'model')}" if reason == "done" else ""))
+  summary["state"] = state
+  return summary
+
+
+def _bind_loss(loss_fn, model_cfg, params, batch, rng):
+  return loss_fn(params, batch, model_cfg, rng)
+
+
+def main(argv=None) -> int:
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  for noisy in ("absl", "orbax", "jax._src"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  argv = sys.argv[1:] if argv is None else argv
+  from jalign.checkpoint import CheckpointError
+  from jalign.data import DataError, TokenizerError
+  from jalign.trainer import NonFiniteLoss
+  try:
+    cfg, flags = config_lib.parse_args(argv)
+    workdir = flags.pop("workdir", None)
+    if flags:
+      raise config_lib.ConfigError(f"unknown flag(s): {', '.join('--' + k for k in flags)}")
+    if not workdir:
+      raise config_lib.ConfigError("--workdir DIR is required")
+    summary = run(cfg, workdir)
+  except (config_lib.ConfigError, DataError, TokenizerError, CheckpointError) as e:
+    print(f"jalign: error: {e}", file=sys.stderr)
+    return 2
+  except NonFiniteLoss as e:
+    print(f"jalign: error: {e}", file=sys.stderr)
+    return 3
+  return 143 if summary["reason"] == "preempted" else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,48 @@
+"""Dot-product attention: the pure-JAX (XLA) reference and the implementation switch.
+
+Shapes: q_BTHD [batch, q_len, q_heads, head_dim], k_BSKD / v_BSKD [batch, kv_len, kv_heads, head_dim];
+q_heads is a multiple of kv_heads (GQA/MQA). Masking is expressed with segment ids and positions, so the same
+function covers causal training, packed sequences (attention never crosses segments) and sliding windows.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("xla",)
+
+
+def attention_reference(q_BTHD, k_BSKD, v_BSKD, *, q_segment_ids_BT=None, kv_segment_ids_BS=None,
+                        q_positions_BT=None, kv_positions_BS=None, causal=True, sliding_window=0, scale=None):
+  """Reference attention; softmax in float32, output in q's dtype."""
+  B, T, H, D = q_BTHD.shape
+  S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+  G = H // K
+  if q_positions_BT is None:
+    q_positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  if kv_positions_BS is None:
+    kv_positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+  scale = D ** -0.5 if scale is None else scale
+  q_BTKGD = q_BTHD.reshape(B, T, K, G, D)
+  scores_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD,
+                            preferred_element_type=jnp.float32) * scale
+  mask_BTS = jnp.ones((B, T, S), dtype=bool)
+  if q_segment_ids_BT is not None:
+    kv_seg = q_segment_ids_BT if kv_segment_ids_BS is None else kv_segment_ids_BS
+    mask_BTS &= q_segment_ids_BT[:, :, None] == kv_seg[:, None, :]
+  delta_BTS = q_positions_BT[:, :, None] - kv_positions_BS[:, None, :]
+  if causal:
+    mask_BTS &= delta_BTS >= 0
+  if sliding_window:
+    mask_BTS &= delta_BTS < sliding_window
+  scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
+  probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKD.dtype)
+  out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS, v_BSKD)
+  return out_BTKGD.reshape(B, T, H, D).astype(q_BTHD.dtype)
+
+
+def attention(q_BTHD, k_BSKD, v_BSKD, *, implementation="xla", **kwargs):
+  """Dispatch to an attention implementation; unknown names fail, unavailable kernels fall back to XLA."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown attention implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
+  return attention_reference(q_BTHD, k_BSKD, v_BSKD, **kwargs)
