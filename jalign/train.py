@@ -66,6 +66,8 @@ def show_samples(title, params, model_cfg, tok, examples, cfg, progress):
     got, want = tok.decode(o).replace("\n", "\\n"), tok.decode(r).replace("\n", "\\n")
     progress.message(f"  ...{q} -> {got!r} (reference {want!r})")
     rows.append((got, want))
+  exact = sum(g == w for g, w in rows)
+  progress.message(f"  exact match with the reference: {exact}/{len(rows)}")
   return rows
 
 
