@@ -45,17 +45,22 @@ log = logging.getLogger(__name__)
 
 
 def maybe_initialize_distributed(cfg) -> None:
-  """Start jax.distributed when the config or the cluster asks for several processes.
+  """Start jax.distributed when the config or the environment asks for several processes.
 
-  Explicit settings (``distributed.coordinator_address``, ``num_processes``, ``process_id``) win; otherwise
-  JAX's own cluster detection is used under Slurm (SLURM_JOB_ID with several tasks) or when
-  ``JAX_COORDINATOR_ADDRESS`` is set (GKE JobSet). Must run before any other JAX call.
+  In order: explicit ``distributed.coordinator_address`` / ``num_processes`` / ``process_id``; the environment
+  variables ``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` + ``JAX_PROCESS_ID`` (GKE JobSet); JAX's own
+  cluster detection under Slurm (several tasks). Must run before any other JAX call.
   """
   d = cfg.distributed
+  env = os.environ
   if d.coordinator_address:
     jax.distributed.initialize(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
                                process_id=d.process_id, initialization_timeout=d.timeout_s)
-  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+  elif env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES"):
+    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(env["JAX_NUM_PROCESSES"]),
+                               process_id=int(env.get("JAX_PROCESS_ID", "0")), initialization_timeout=d.timeout_s)
+  elif int(env.get("SLURM_NTASKS", "1")) > 1:
     jax.distributed.initialize(initialization_timeout=d.timeout_s)
 
 

@@ -23,9 +23,13 @@ def attention_reference(q_BTHD, k_BSKD, v_BSKD, *, q_segment_ids_BT=None, kv_seg
   if kv_positions_BS is None:
     kv_positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
   scale = D ** -0.5 if scale is None else scale
-  q_BTKGD = q_BTHD.reshape(B, T, K, G, D)
-  scores_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD,
-                            preferred_element_type=jnp.float32) * scale
+  # [B, K, G*T, D] x [B, K, S, D]: one batch-matmul per (batch, kv head) with the query group folded into the
+  # rows, contracting the last dims of both (no transposed copy of k).
+  q_BKQD = q_BTHD.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
+  k_BKSD = k_BSKD.transpose(0, 2, 1, 3)
+  v_BKSD = v_BSKD.transpose(0, 2, 1, 3)
+  scores = jnp.einsum("bkqd,bksd->bkqs", q_BKQD, k_BKSD, preferred_element_type=jnp.float32)
+  scores_BKGTS = scores.reshape(B, K, G, T, S) * scale
   mask_BTS = jnp.ones((B, T, S), dtype=bool)
   if q_segment_ids_BT is not None:
     kv_seg = q_segment_ids_BT if kv_segment_ids_BS is None else kv_segment_ids_BS
@@ -36,9 +40,10 @@ def attention_reference(q_BTHD, k_BSKD, v_BSKD, *, q_segment_ids_BT=None, kv_seg
   if sliding_window:
     mask_BTS &= delta_BTS < sliding_window
   scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
-  probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKD.dtype)
-  out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS, v_BSKD)
-  return out_BTKGD.reshape(B, T, H, D).astype(q_BTHD.dtype)
+  probs_BKQS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKD.dtype).reshape(B, K, G * T, S)
+  out_BKQD = jnp.einsum("bkqs,bksd->bkqd", probs_BKQS, v_BKSD)
+  out_BTHD = out_BKQD.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+  return out_BTHD.astype(q_BTHD.dtype)
 
 
 def attention(q_BTHD, k_BSKD, v_BSKD, *, implementation="xla", **kwargs):

@@ -28,5 +28,5 @@ def loss_fn(params, batch, model_cfg, rng=None):
   mask_BT = target_mask(batch)
   nll_sum = -jnp.sum(jnp.where(mask_BT, logp_BT, 0.0))
   n_tokens = jnp.sum(mask_BT).astype(jnp.float32)
-  correct = jnp.argmax(logits_BTV[:, :-1], axis=-1) == batch["tokens"][:, 1:]
+  correct = (jnp.argmax(logits_BTV, axis=-1) == jnp.roll(batch["tokens"], -1, axis=1))[:, :-1]
   return nll_sum, n_tokens, {"loss": nll_sum, "token_acc": jnp.sum(correct & mask_BT).astype(jnp.float32)}

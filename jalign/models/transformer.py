@@ -42,6 +42,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"       # compute dtype
   remat: str = "none"          # none | full | dots
+  scan_unroll: int = 1         # layers unrolled per scan iteration (num_layers: a straight-line program)
   attention: str = "xla"
   num_value_heads: int = 0     # >0 adds a value/reward head with that many outputs
   lora_rank: int = 0
@@ -203,60 +204,75 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
   return inv.astype(np.float32)
 
 
-def apply_rope(x_BTHD, positions_BT, inv_freq):
-  """Rotate-half RoPE (the Hugging Face layout)."""
+def rope_tables(positions_BT, inv_freq):
+  """cos, sin [B, T, 1, Dh/2] for rotate-half RoPE, computed once per forward pass."""
   freqs_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
-  cos = jnp.cos(freqs_BTF)[:, :, None, :]
-  sin = jnp.sin(freqs_BTF)[:, :, None, :]
+  return jnp.cos(freqs_BTF)[:, :, None, :], jnp.sin(freqs_BTF)[:, :, None, :]
+
+
+def apply_rope(x_BTHD, cos, sin):
+  """Rotate-half RoPE (the Hugging Face layout)."""
   x = x_BTHD.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTHD.dtype)
 
 
-def _proj(name, x, layer, lora, cfg, dt, drop_key):
-  """x @ W[name] (+ LoRA delta), contracting the input dims of W."""
+def _matmul(x, w, n_in):
+  """Contract the last ``n_in`` dims of x with the first ``n_in`` dims of w as one 2-D matmul
+  ([N, in] @ [in, out]): XLA:CPU runs canonical 2-D dots far faster than multi-dim contractions."""
+  in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
+  lead = x.shape[:x.ndim - n_in]
+  y = x.reshape(-1, math.prod(in_shape)) @ w.reshape(math.prod(in_shape), math.prod(out_shape))
+  return y.reshape(*lead, *out_shape)
+
+
+def _lora_delta(name, x, lora, cfg, dt, drop_key):
   n_in = _IN_DIMS[name]
-  w = layer[name].astype(dt)
-  in_letters = "hd"[:n_in] if n_in == 2 else "e"
-  out_letters = {"q": "hd", "k": "hd", "v": "hd", "o": "e", "gate": "f", "up": "f", "down": "e"}[name]
-  if name == "down":
-    in_letters = "f"
-  y = jnp.einsum(f"bt{in_letters},{in_letters}{out_letters}->bt{out_letters}", x, w)
-  if lora is not None and name in lora:
-    a, b = lora[name]["a"].astype(dt), lora[name]["b"].astype(dt)
-    xa = x
-    if cfg.lora_dropout and drop_key is not None:
-      keep = jax.random.bernoulli(jax.random.fold_in(drop_key, LORA_TARGETS.index(name)),
-                                  1 - cfg.lora_dropout, x.shape)
-      xa = jnp.where(keep, x / (1 - cfg.lora_dropout), 0).astype(dt)
-    h = jnp.einsum(f"bt{in_letters},{in_letters}r->btr", xa, a)
-    y = y + (cfg.lora_alpha / cfg.lora_rank) * jnp.einsum(f"btr,r{out_letters}->bt{out_letters}", h, b)
-  return y
+  a, b = lora[name]["a"].astype(dt), lora[name]["b"].astype(dt)
+  if cfg.lora_dropout and drop_key is not None:
+    keep = jax.random.bernoulli(jax.random.fold_in(drop_key, LORA_TARGETS.index(name)), 1 - cfg.lora_dropout,
+                                x.shape)
+    x = jnp.where(keep, x / (1 - cfg.lora_dropout), 0).astype(dt)
+  return (cfg.lora_alpha / cfg.lora_rank) * _matmul(_matmul(x, a, n_in), b, 1)
 
 
-def _block(cfg: ModelConfig, inv_freq, x_BTD, layer, lora, positions_BT, segment_ids_BT, drop_key):
+def _proj(names, x, layer, lora, cfg, dt, drop_key):
+  """x @ W[name] (+ LoRA delta) for each name; projections of the same input run as one matmul whose output
+  is split (larger matmuls use the CPU/accelerator better)."""
+  n_in = _IN_DIMS[names[0]]
+  ws = [layer[n].astype(dt) for n in names]
+  if len(ws) == 1:
+    ys = [_matmul(x, ws[0], n_in)]
+  else:
+    axis = n_in  # the first output dim
+    y = _matmul(x, jnp.concatenate(ws, axis=axis), n_in)
+    sizes = np.cumsum([w.shape[axis] for w in ws])[:-1]
+    ys = jnp.split(y, sizes, axis=x.ndim - n_in)
+  if lora is not None:
+    ys = [y + _lora_delta(n, x, lora, cfg, dt, drop_key) if n in lora else y for n, y in zip(names, ys)]
+  return ys
+
+
+def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids_BT, drop_key):
   dt = jnp.dtype(cfg.dtype)
   h = rms_norm(x_BTD, layer["attn_norm"], cfg.rms_norm_eps)
-  q = _proj("q", h, layer, lora, cfg, dt, drop_key)
-  k = _proj("k", h, layer, lora, cfg, dt, drop_key)
-  v = _proj("v", h, layer, lora, cfg, dt, drop_key)
+  q, k, v = _proj(("q", "k", "v"), h, layer, lora, cfg, dt, drop_key)
   if cfg.qkv_bias:
     q, k, v = q + layer["q_bias"].astype(dt), k + layer["k_bias"].astype(dt), v + layer["v_bias"].astype(dt)
-  q = sharding.constrain(apply_rope(q, positions_BT, inv_freq), ("batch", "length", "act_heads", None))
-  k = sharding.constrain(apply_rope(k, positions_BT, inv_freq), ("batch", "length", "act_kv_heads", None))
+  q = sharding.constrain(apply_rope(q, *rope), ("batch", "length", "act_heads", None))
+  k = sharding.constrain(apply_rope(k, *rope), ("batch", "length", "act_kv_heads", None))
   v = sharding.constrain(v, ("batch", "length", "act_kv_heads", None))
   attn = kernels.attention(q, k, v, implementation=cfg.attention, q_segment_ids_BT=segment_ids_BT,
-                                     q_positions_BT=positions_BT, kv_positions_BS=positions_BT, causal=True,
-                                     sliding_window=cfg.sliding_window)
-  x_BTD = x_BTD + _proj("o", attn, layer, lora, cfg, dt, drop_key)
-  x_BTD = sharding.constrain(x_BTD, ("batch", "length", "act_embed"))
+                           q_positions_BT=positions_BT, kv_positions_BS=positions_BT, causal=True,
+                           sliding_window=cfg.sliding_window)
+  (o,) = _proj(("o",), attn, layer, lora, cfg, dt, drop_key)
+  x_BTD = sharding.constrain(x_BTD + o, ("batch", "length", "act_embed"))
   h = rms_norm(x_BTD, layer["mlp_norm"], cfg.rms_norm_eps)
-  g = _proj("gate", h, layer, lora, cfg, dt, drop_key)
-  u = _proj("up", h, layer, lora, cfg, dt, drop_key)
+  g, u = _proj(("gate", "up"), h, layer, lora, cfg, dt, drop_key)
   m = sharding.constrain(jax.nn.silu(g) * u, ("batch", "length", "act_mlp"))
-  x_BTD = x_BTD + _proj("down", m, layer, lora, cfg, dt, drop_key)
-  return sharding.constrain(x_BTD, ("batch", "length", "act_embed"))
+  (down,) = _proj(("down",), m, layer, lora, cfg, dt, drop_key)
+  return sharding.constrain(x_BTD + down, ("batch", "length", "act_embed"))
 
 
 def hidden_states(params, tokens_BT, cfg: ModelConfig, *, positions_BT=None, segment_ids_BT=None,
@@ -268,26 +284,27 @@ def hidden_states(params, tokens_BT, cfg: ModelConfig, *, positions_BT=None, seg
     positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   x = jnp.take(params["embed"], tokens_BT, axis=0).astype(dt)
   x = sharding.constrain(x, ("batch", "length", "act_embed"))
-  inv_freq = jnp.asarray(rope_inv_freq(cfg))
+  rope = rope_tables(positions_BT, jnp.asarray(rope_inv_freq(cfg)))
   lora = params.get("lora")
 
   def body(x, xs):
     layer, lora_l, i = xs
     key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-    return _block(cfg, inv_freq, x, layer, lora_l, positions_BT, segment_ids_BT, key), None
+    return _block(cfg, rope, x, layer, lora_l, positions_BT, segment_ids_BT, key), None
 
   if cfg.remat == "full":
     body = jax.checkpoint(body)
   elif cfg.remat == "dots":
     body = jax.checkpoint(body, policy=jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims)
-  x, _ = jax.lax.scan(body, x, (params["layers"], lora, jnp.arange(cfg.num_layers)))
+  x, _ = jax.lax.scan(body, x, (params["layers"], lora, jnp.arange(cfg.num_layers)),
+                      unroll=max(1, min(cfg.scan_unroll, cfg.num_layers)))
   return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
 
 
 def logits_from_hidden(params, h_BTD, cfg: ModelConfig):
   dt = jnp.dtype(cfg.dtype)
   w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-  logits = jnp.einsum("btd,dv->btv", h_BTD, w.astype(dt), preferred_element_type=jnp.float32)
+  logits = _matmul(h_BTD, w.astype(dt), 1).astype(jnp.float32)
   return sharding.constrain(logits, ("batch", "length", "act_vocab"))
 
 
@@ -304,10 +321,14 @@ def forward(params, tokens_BT, cfg: ModelConfig, **kwargs):
 
 
 def token_logprobs(logits_BTV, tokens_BT):
-  """log p(token t+1 | prefix) for t in [0, T-1): [B, T-1] float32 (the shifted space)."""
-  logz = jax.nn.logsumexp(logits_BTV[:, :-1], axis=-1)
-  picked = jnp.take_along_axis(logits_BTV[:, :-1], tokens_BT[:, 1:, None], axis=-1)[..., 0]
-  return picked - logz
+  """log p(token t+1 | prefix) for t in [0, T-1): [B, T-1] float32 (the shifted space).
+
+  Computed over all T positions with rolled targets and sliced afterwards: slicing the [B, T, V] logits
+  instead costs a full copy (and a pad in the backward pass)."""
+  targets_BT = jnp.roll(tokens_BT, -1, axis=1)
+  logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  return (picked_BT - logz_BT)[:, :-1]
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -1,0 +1,259 @@
+"""Benchmarks that compare jalign with a reference in the same run.
+
+  python -m jalign.bench sft [--steps 10] [--rounds 2] [--dtypes float32,bfloat16] [--frameworks jalign,torch,trl]
+
+``sft`` trains one tiny Llama architecture (vocab 8192, hidden 256, 4 layers, 8 heads / 4 KV heads, ffn 768) on
+the same token batches (B=8, T=256, from the embedded SFT data) with jalign, with a plain PyTorch loop
+(forward, loss, backward, AdamW) and with TRL's SFTTrainer. Frameworks alternate round by round, each in a fresh
+subprocess (so peak RSS is its own) with the same thread count. Each reports tokens/s and step time (median of
+the timed steps), the first step (compile) time, its peak RSS and MFU against the dense-matmul ceiling it
+measures itself for that framework and dtype.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ARCH = dict(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, ffn_size=768)
+B, T = 8, 256
+
+
+def _batches(n: int) -> np.ndarray:
+  """[n, B, T] token ids: the embedded SFT data, tokenized, concatenated and cut into rows."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  from jalign.data import load_tokenizer
+  tok = load_tokenizer(os.path.join(root, "examples", "tiny_model", "tokenizer.model"))
+  ids = []
+  with open(os.path.join(root, "examples", "data", "sft_train.jsonl")) as f:
+    for line in f:
+      conv = json.loads(line)["conversations"]
+      ids += tok.encode(f"{conv[0]['value']}\n{conv[1]['value']}\n")
+      if len(ids) >= n * B * T:
+        break
+  return np.asarray(ids[:n * B * T], np.int32).reshape(n, B, T)
+
+
+def flops_per_token() -> float:
+  from jalign.models import ModelConfig
+  from jalign.models.transformer import flops_per_token as f
+  return f(ModelConfig(**ARCH), T)
+
+
+def _rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------- runners
+
+def run_jalign(dtype: str, steps: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from jalign import config as config_lib
+  from jalign import trainer
+  from jalign.algorithms import sft
+  from jalign.models import ModelConfig, init_params
+
+  n = 2048
+  a = jnp.ones((n, n), dtype)
+  mm = jax.jit(lambda x: x @ x)
+  mm(a).block_until_ready()
+  t = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    mm(a).block_until_ready()
+    t.append(time.perf_counter() - t0)
+  ceiling = 2 * n ** 3 / statistics.median(t)
+
+  cfg = ModelConfig(**ARCH, dtype=dtype, scan_unroll=ARCH["num_layers"])
+  optim = config_lib.base_config().optim
+  optimizer, schedule = trainer.make_optimizer(optim, 1000, 1.0)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": {}, "opt_state": optimizer.init(params),
+           "rng": jax.random.PRNGKey(1)}
+  step = jax.jit(trainer.make_train_step(lambda p, b, r: sft.loss_fn(p, b, cfg, r), optimizer, schedule, 1),
+                 donate_argnums=(0,))
+  data = _batches(steps + 1)
+  pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+
+  def batch(i):
+    return {"tokens": jnp.asarray(data[i]), "loss_mask": jnp.ones((B, T), bool),
+            "segment_ids": jnp.ones((B, T), jnp.int32), "positions": jnp.asarray(pos)}
+
+  times, losses = [], []
+  for i in range(steps + 1):
+    b = batch(i)
+    t0 = time.perf_counter()
+    state, m = step(state, b)
+    losses.append(float(m["loss"]))  # blocks
+    times.append(time.perf_counter() - t0)
+  return {"first_step_s": times[0], "step_s": statistics.median(times[1:]), "ceiling": ceiling,
+          "loss_first": losses[0], "peak_rss_mb": _rss_mb()}
+
+
+def _torch_model(dtype):
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(vocab_size=ARCH["vocab_size"], hidden_size=ARCH["hidden_size"],
+                                 intermediate_size=ARCH["ffn_size"], num_hidden_layers=ARCH["num_layers"],
+                                 num_attention_heads=ARCH["num_heads"], num_key_value_heads=ARCH["num_kv_heads"],
+                                 max_position_embeddings=T, rms_norm_eps=1e-6, tie_word_embeddings=False)
+  cfg._attn_implementation = "sdpa"
+  return transformers.LlamaForCausalLM(cfg)
+
+
+def _torch_ceiling(dtype):
+  import torch
+  n = 2048
+  a = torch.ones(n, n, dtype=getattr(torch, dtype))
+  a @ a
+  t = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    a @ a
+    t.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / statistics.median(t)
+
+
+def run_torch(dtype: str, steps: int) -> dict:
+  import torch
+  ceiling = _torch_ceiling(dtype)
+  model = _torch_model(dtype).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
+  data = torch.from_numpy(_batches(steps + 1)).long()
+  times, losses = [], []
+  for i in range(steps + 1):
+    t0 = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+      logits = model(data[i]).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                             data[i][:, 1:].reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    losses.append(loss.item())
+    times.append(time.perf_counter() - t0)
+  return {"first_step_s": times[0], "step_s": statistics.median(times[1:]), "ceiling": ceiling,
+          "loss_first": losses[0], "peak_rss_mb": _rss_mb()}
+
+
+def run_trl(dtype: str, steps: int) -> dict:
+  import datasets
+  import transformers
+  from tokenizers import Tokenizer, models
+  from trl import SFTConfig, SFTTrainer
+  ceiling = _torch_ceiling(dtype)
+  model = _torch_model(dtype)
+  vocab = {f"t{i}": i for i in range(ARCH["vocab_size"])}
+  tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                             pad_token="t0", eos_token="t1")
+  data = _batches(steps + 1).reshape(-1, T)
+  ds = datasets.Dataset.from_dict({"input_ids": [list(map(int, r)) for r in data]})
+  times = []
+
+  class Timer(transformers.TrainerCallback):
+    def on_step_begin(self, args, state, control, **kw):
+      self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+      times.append(time.perf_counter() - self.t0)
+
+  with tempfile.TemporaryDirectory() as out:
+    args = SFTConfig(output_dir=out, per_device_train_batch_size=B, max_steps=steps + 1, learning_rate=3e-4,
+                     adam_beta2=0.98, weight_decay=0.01, max_grad_norm=1.0, lr_scheduler_type="constant",
+                     logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True,
+                     bf16=dtype == "bfloat16", max_length=T, packing=False, gradient_checkpointing=False,
+                     dataloader_num_workers=0, seed=0, disable_tqdm=True, eos_token="t1", pad_token="t0")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
+    trainer.train()
+  return {"first_step_s": times[0], "step_s": statistics.median(times[1:]), "ceiling": ceiling,
+          "loss_first": float("nan"), "peak_rss_mb": _rss_mb()}
+
+
+RUNNERS = {"jalign": run_jalign, "torch": run_torch, "trl": run_trl}
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+def _child(framework, dtype, steps, threads):
+  env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore",
+             TOKENIZERS_PARALLELISM="false", JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  env.pop("XLA_FLAGS", None)
+  code = (f"import json, torch; torch.set_num_threads({threads}); from jalign import bench; "
+          f"print('RESULT', json.dumps(bench.RUNNERS[{framework!r}]({dtype!r}, {steps})))"
+          if framework != "jalign" else
+          f"import json; from jalign import bench; "
+          f"print('RESULT', json.dumps(bench.RUNNERS[{framework!r}]({dtype!r}, {steps})))")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+  for line in r.stdout.splitlines():
+    if line.startswith("RESULT "):
+      return json.loads(line[len("RESULT "):])
+  raise RuntimeError(f"{framework} ({dtype}) failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+
+
+def bench_sft(steps: int, rounds: int, dtypes, frameworks, threads: int) -> list[dict]:
+  fpt = flops_per_token()
+  results = {}
+  for r in range(rounds):
+    for dtype in dtypes:
+      for fw in frameworks:
+        res = _child(fw, dtype, steps, threads)
+        results.setdefault((fw, dtype), []).append(res)
+        print(f"  round {r + 1}: {fw:7s} {dtype:9s} step {res['step_s'] * 1e3:7.1f} ms", file=sys.stderr,
+              flush=True)
+  rows = []
+  for (fw, dtype), rs in results.items():
+    step = statistics.median(x["step_s"] for x in rs)
+    tps = B * T / step
+    ceiling = statistics.median(x["ceiling"] for x in rs)
+    rows.append({"framework": fw, "dtype": dtype, "tokens_per_sec": tps, "step_ms": step * 1e3,
+                 "first_step_s": statistics.median(x["first_step_s"] for x in rs),
+                 "peak_rss_mb": max(x["peak_rss_mb"] for x in rs), "mfu": fpt * tps / ceiling,
+                 "ceiling_gflops": ceiling / 1e9})
+  return rows
+
+
+def print_table(rows, anchor="torch"):
+  print(f"| framework | dtype | tokens/s | step (ms) | first step (s) | peak RSS (MB) | matmul ceiling (GFLOP/s) "
+        f"| MFU | vs {anchor} |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    ref = next((x for x in rows if x["framework"] == anchor and x["dtype"] == r["dtype"]), None)
+    ratio = f"{r['tokens_per_sec'] / ref['tokens_per_sec']:.2f}x" if ref else "-"
+    print(f"| {r['framework']} | {r['dtype']} | {r['tokens_per_sec']:.0f} | {r['step_ms']:.1f} | "
+          f"{r['first_step_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['ceiling_gflops']:.0f} | {r['mfu']:.1%} | {ratio} |")
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog="python -m jalign.bench", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("which", choices=["sft"])
+  p.add_argument("--steps", type=int, default=10, help="timed steps per run (after one compile step)")
+  p.add_argument("--rounds", type=int, default=2, help="alternating rounds per framework")
+  p.add_argument("--dtypes", default="float32,bfloat16")
+  p.add_argument("--frameworks", default="jalign,torch,trl")
+  p.add_argument("--threads", type=int, default=os.cpu_count())
+  p.add_argument("--json", default="", help="also write the rows to this file")
+  a = p.parse_args(argv)
+  print(f"jalign.bench sft: B={B} T={T} arch={ARCH} threads={a.threads} steps={a.steps} rounds={a.rounds}",
+        file=sys.stderr)
+  rows = bench_sft(a.steps, a.rounds, a.dtypes.split(","), a.frameworks.split(","), a.threads)
+  print_table(rows)
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
