@@ -125,3 +125,14 @@ def test_lora_only_adapters_change(lora_setup):
   moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new["params"], tr)
   # B starts at zero, so the first step moves every B (A's gradient is zero until B is non-zero)
   assert all(moved["lora"][t]["b"] > 0 for t in cfg.lora_targets)
+
+
+def test_value_head_outputs():
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, ffn_size=64,
+                    num_value_heads=3)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  params["value_head"]["b"] = jnp.array([1.0, 2.0, 3.0])
+  h = transformer.hidden_states(params, jnp.arange(8)[None], cfg)
+  v = transformer.values_from_hidden(params, h)
+  assert v.shape == (1, 8, 3)
+  np.testing.assert_allclose(v, h @ params["value_head"]["w"] + params["value_head"]["b"], atol=1e-6)
