@@ -77,16 +77,26 @@ def resolve_model_dir(path: str) -> str:
                         "holding one in model/")
 
 
-def load_params(path: str, abstract_params: dict) -> dict:
-  """Restore base-model params into ``abstract_params`` (ShapeDtypeStructs with shardings). A missing or
-  mis-shaped tensor fails naming the tensor and both shapes."""
+def load_params(path: str, abstract_params: dict, optional=("value_head",)) -> dict:
+  """Restore params into ``abstract_params`` (ShapeDtypeStructs with shardings). Keys in ``optional`` are
+  loaded only when the checkpoint has them; a missing or mis-shaped tensor fails naming the tensor and both
+  shapes. Checkpoint entries the model does not use (say, a reward head when fine-tuning) are read and dropped."""
   ckpt_dir = os.path.abspath(os.path.join(resolve_model_dir(path), "params"))
   ckptr = ocp.StandardCheckpointer()
   meta = ckptr.metadata(ckpt_dir)
   tree = getattr(meta, "item_metadata", meta)
-  tree = getattr(tree, "tree", tree)
-  _check_shapes(abstract_params, tree, path)
-  return ckptr.restore(ckpt_dir, abstract_params)
+  tree = dict(getattr(tree, "tree", tree))
+  wanted = {k: v for k, v in abstract_params.items() if k not in optional or k in tree}
+  _check_shapes(wanted, tree, path)
+  some_sharding = jax.tree.leaves(abstract_params)[0].sharding
+  replicated = jax.sharding.NamedSharding(some_sharding.mesh, jax.sharding.PartitionSpec())
+  target = dict(wanted)
+  for k in tree:
+    if k not in target:
+      target[k] = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=replicated),
+                               tree[k])
+  restored = ckptr.restore(ckpt_dir, target)
+  return {k: restored[k] for k in wanted}
 
 
 def _check_shapes(expected, saved, path, prefix=""):

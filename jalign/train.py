@@ -52,8 +52,9 @@ def _prompt_and_reference(ex):
 
 def show_samples(title, params, model_cfg, tok, examples, cfg, progress):
   from jalign import generate
+  import jax
   n = min(cfg.eval.num_samples, len(examples))
-  if not n:
+  if not n or jax.process_count() > 1:  # samples are a single-process convenience
     return []
   prompts, refs = zip(*[_prompt_and_reference(e) for e in examples[:n]])
   stop = {i for i in (tok.token_to_id("<extra_id_1>"), tok.eos_id) if i is not None}
@@ -153,7 +154,7 @@ def run(cfg, workdir: str, on_step=None) -> dict:
     data_iter.set_state(data_state)
     log.info("resumed from %s/checkpoints/%d", workdir, start_step)
   elif cfg.model.checkpoint:
-    base_keys = [k for k in shapes if k not in ("lora", "value_head")]
+    base_keys = [k for k in shapes if k != "lora"]
     base_abs = {k: jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                 shapes[k], param_sh[k]) for k in base_keys}
     base = checkpoint.load_params(cfg.model.checkpoint, base_abs)

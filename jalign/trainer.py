@@ -157,6 +157,14 @@ class Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def _any_process(flag: bool) -> bool:
+  """True on every process if it is true on any: all processes must stop (and save) at the same step."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def to_global(local_batch: dict, batch_shardings: dict) -> dict:
   return {k: jax.make_array_from_process_local_data(batch_shardings[k], np.asarray(v))
           for k, v in local_batch.items()}
@@ -198,7 +206,7 @@ def run(*, state, train_step, eval_fn, data_iter, batch_shardings, max_steps: in
         progress.message(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
       if on_step is not None:
         on_step(step, metrics)
-      stop = pre.requested
+      stop = _any_process(pre.requested)
       if checkpointer is not None and (step % ckpt_every == 0 or step == max_steps or stop):
         checkpointer.save(step, state, data_iter.get_state(), force=True)
         last_saved = step
