@@ -30,7 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
       vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=0, ffn_size=128,
       rope_theta=10000.0, rope_scaling="none", rope_factor=1.0, rope_low_freq_factor=1.0,
       rope_high_freq_factor=4.0, rope_original_max_position=8192, rms_norm_eps=1e-6, qkv_bias=False,
-      tie_embeddings=False, sliding_window=0, param_dtype="float32", dtype="float32", remat="none", scan_unroll=1,
+      tie_embeddings=False, sliding_window=0, activation="silu", norm_offset=0.0, scale_embeddings=False,
+      param_dtype="float32", dtype="float32", remat="none", scan_unroll=1,
       attention="xla", num_value_heads=0,
       checkpoint="",  # initialise weights from a jalign model dir or a run's checkpoint dir
   ))

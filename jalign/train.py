@@ -21,7 +21,8 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TP
                "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0}
 ARCH_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_size",
              "rope_theta", "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-             "rope_original_max_position", "rms_norm_eps", "qkv_bias", "tie_embeddings", "sliding_window")
+             "rope_original_max_position", "rms_norm_eps", "qkv_bias", "tie_embeddings", "sliding_window",
+             "activation", "norm_offset", "scale_embeddings")
 
 
 def peak_flops_per_device(cfg, device) -> float:

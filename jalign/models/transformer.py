@@ -39,6 +39,9 @@ class ModelConfig:
   qkv_bias: bool = False
   tie_embeddings: bool = False
   sliding_window: int = 0      # 0: full attention
+  activation: str = "silu"     # silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
+  norm_offset: float = 0.0     # RMSNorm scales by (offset + w): Gemma stores w around 0 and uses 1
+  scale_embeddings: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
   param_dtype: str = "float32"
   dtype: str = "float32"       # compute dtype
   remat: str = "none"          # none | full | dots
@@ -73,6 +76,8 @@ class ModelConfig:
       raise ValueError(f"model.num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
     if self.rope_scaling not in ("none", "linear", "llama3"):
       raise ValueError(f"model.rope_scaling={self.rope_scaling!r}: choose none, linear or llama3")
+    if self.activation not in ("silu", "gelu_tanh"):
+      raise ValueError(f"model.activation={self.activation!r}: choose silu or gelu_tanh")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"model.remat={self.remat!r}: choose none, full or dots")
     bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
@@ -159,8 +164,8 @@ def init_params(cfg: ModelConfig, rng) -> dict:
   for (path, (shape, _)), key in zip(flat, keys):
     name = "/".join(str(getattr(p, "key", p)) for p in path)
     last = name.split("/")[-1]
-    if last.endswith("norm"):
-      x = jnp.ones(shape, dt)
+    if last.endswith("norm"):  # an effective scale of 1
+      x = jnp.full(shape, 1.0 - cfg.norm_offset, dt)
     elif last.endswith("bias") or last == "b" and "value_head" in name:
       x = jnp.zeros(shape, dt)
     elif name.startswith("lora/") and last == "b":
@@ -181,10 +186,10 @@ def count_params(params) -> int:
 
 # ------------------------------------------------------------------------------------------------- forward
 
-def rms_norm(x, w, eps):
+def rms_norm(x, w, eps, offset=0.0):
   x32 = x.astype(jnp.float32)
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (y * w.astype(jnp.float32)).astype(x.dtype)
+  return (y * (offset + w.astype(jnp.float32))).astype(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -256,7 +261,7 @@ def _proj(names, x, layer, lora, cfg, dt, drop_key):
 
 def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids_BT, drop_key):
   dt = jnp.dtype(cfg.dtype)
-  h = rms_norm(x_BTD, layer["attn_norm"], cfg.rms_norm_eps)
+  h = rms_norm(x_BTD, layer["attn_norm"], cfg.rms_norm_eps, cfg.norm_offset)
   q, k, v = _proj(("q", "k", "v"), h, layer, lora, cfg, dt, drop_key)
   if cfg.qkv_bias:
     q, k, v = q + layer["q_bias"].astype(dt), k + layer["k_bias"].astype(dt), v + layer["v_bias"].astype(dt)
@@ -268,9 +273,10 @@ def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids
                            sliding_window=cfg.sliding_window)
   (o,) = _proj(("o",), attn, layer, lora, cfg, dt, drop_key)
   x_BTD = sharding.constrain(x_BTD + o, ("batch", "length", "act_embed"))
-  h = rms_norm(x_BTD, layer["mlp_norm"], cfg.rms_norm_eps)
+  h = rms_norm(x_BTD, layer["mlp_norm"], cfg.rms_norm_eps, cfg.norm_offset)
   g, u = _proj(("gate", "up"), h, layer, lora, cfg, dt, drop_key)
-  m = sharding.constrain(jax.nn.silu(g) * u, ("batch", "length", "act_mlp"))
+  act = jax.nn.silu(g) if cfg.activation == "silu" else jax.nn.gelu(g, approximate=True)
+  m = sharding.constrain(act * u, ("batch", "length", "act_mlp"))
   (down,) = _proj(("down",), m, layer, lora, cfg, dt, drop_key)
   return sharding.constrain(x_BTD + down, ("batch", "length", "act_embed"))
 
@@ -283,6 +289,8 @@ def hidden_states(params, tokens_BT, cfg: ModelConfig, *, positions_BT=None, seg
   if positions_BT is None:
     positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   x = jnp.take(params["embed"], tokens_BT, axis=0).astype(dt)
+  if cfg.scale_embeddings:  # in the compute dtype, as Gemma does
+    x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
   x = sharding.constrain(x, ("batch", "length", "act_embed"))
   rope = rope_tables(positions_BT, jnp.asarray(rope_inv_freq(cfg)))
   lora = params.get("lora")
@@ -298,7 +306,7 @@ def hidden_states(params, tokens_BT, cfg: ModelConfig, *, positions_BT=None, seg
     body = jax.checkpoint(body, policy=jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims)
   x, _ = jax.lax.scan(body, x, (params["layers"], lora, jnp.arange(cfg.num_layers)),
                       unroll=max(1, min(cfg.scan_unroll, cfg.num_layers)))
-  return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+  return rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset)
 
 
 def logits_from_hidden(params, h_BTD, cfg: ModelConfig):

@@ -1,0 +1,84 @@
+"""Weights in and out: Hugging Face directories <-> jalign model directories (``python -m jalign.convert``)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from jalign.convert.hf import SUPPORTED, ConversionError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
+
+
+def _copy_tokenizer(src: str, dst: str) -> list[str]:
+  copied = []
+  for name in TOKENIZER_FILES:
+    if os.path.exists(os.path.join(src, name)):
+      shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+      copied.append(name)
+  return copied
+
+
+def read_hf_dir(src: str):
+  """(ModelConfig, numpy params, family) of an HF model directory."""
+  from jalign.convert import hf
+  from jalign.models import ModelConfig
+  cfg_path = os.path.join(src, "config.json")
+  if not os.path.exists(cfg_path):
+    raise ConversionError(f"{src}: no config.json (not a Hugging Face model directory)")
+  with open(cfg_path) as f:
+    hf_cfg = json.load(f)
+  cfg = ModelConfig(**hf.model_config_from_hf(hf_cfg))
+  cfg.validate()
+  return cfg, hf.params_from_hf(src, cfg), hf_cfg["model_type"]
+
+
+def hf_to_jalign(src: str, dst: str) -> str:
+  """HF directory -> jalign model directory (Orbax params, model_config.json, tokenizer files)."""
+  from jalign import checkpoint
+  cfg, params, family = read_hf_dir(src)
+  meta = cfg.to_dict()
+  meta["hf_family"] = family
+  checkpoint.save_model(dst, params, meta)
+  _copy_tokenizer(src, dst)
+  return dst
+
+
+def read_jalign_dir(path: str):
+  """(ModelConfig, params as numpy, metadata dict) of a jalign model directory."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  from jalign import checkpoint
+  from jalign.models import ModelConfig, param_shapes
+  path = checkpoint.resolve_model_dir(path)
+  meta = checkpoint.read_model_config(path)
+  cfg = ModelConfig.from_config({k: v for k, v in meta.items() if k != "lora_targets"} |
+                                {"lora_targets": tuple(meta.get("lora_targets", ("q", "v")))})
+  dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0] if jax.devices("cpu") else jax.devices()[0])
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), param_shapes(cfg))
+  target.pop("lora", None)
+  params = checkpoint.load_params(path, target)
+  return cfg, jax.tree.map(lambda x: jax.device_get(x), params), meta
+
+
+def jalign_to_hf(src: str, dst: str, family: str | None = None, dtype: str = "float32") -> str:
+  """jalign model directory -> HF directory loadable by transformers (and vLLM)."""
+  import numpy as np
+
+  from jalign.convert import hf
+  cfg, params, meta = read_jalign_dir(src)
+  family = family or meta.get("hf_family") or "llama"
+  np_dtype = {"float32": np.float32, "bfloat16": None, "float16": np.float16}[dtype]
+  if np_dtype is None:
+    import ml_dtypes
+    np_dtype = ml_dtypes.bfloat16
+  os.makedirs(dst, exist_ok=True)
+  hf.write_safetensors(((k, v.astype(np_dtype)) for k, v in hf.hf_tensors_from_params(params, cfg)), dst)
+  with open(os.path.join(dst, "config.json"), "w") as f:
+    json.dump(hf.hf_config_from_model(cfg.to_dict(), family, dtype), f, indent=2)
+  _copy_tokenizer(src, dst)
+  return dst
+
+
+__all__ = ["SUPPORTED", "ConversionError", "hf_to_jalign", "jalign_to_hf", "read_hf_dir", "read_jalign_dir"]
