@@ -88,8 +88,9 @@ def load_params(path: str, abstract_params: dict, optional=("value_head",)) -> d
   tree = dict(getattr(tree, "tree", tree))
   wanted = {k: v for k, v in abstract_params.items() if k not in optional or k in tree}
   _check_shapes(wanted, tree, path)
-  some_sharding = jax.tree.leaves(abstract_params)[0].sharding
-  replicated = jax.sharding.NamedSharding(some_sharding.mesh, jax.sharding.PartitionSpec())
+  some = jax.tree.leaves(abstract_params)[0].sharding
+  replicated = (jax.sharding.NamedSharding(some.mesh, jax.sharding.PartitionSpec())
+                if isinstance(some, jax.sharding.NamedSharding) else some)
   target = dict(wanted)
   for k in tree:
     if k not in target:

@@ -69,6 +69,11 @@ def jalign_to_hf(src: str, dst: str, family: str | None = None, dtype: str = "fl
   from jalign.convert import hf
   cfg, params, meta = read_jalign_dir(src)
   family = family or meta.get("hf_family") or "llama"
+  if cfg.num_value_heads and np.any(np.asarray(params["value_head"]["b"]) != 0):
+    import logging
+    logging.getLogger(__name__).warning(
+        "the value head has a non-zero bias %s; HF's `score` layer has none, so exported rewards are shifted by it",
+        np.asarray(params["value_head"]["b"]))
   np_dtype = {"float32": np.float32, "bfloat16": None, "float16": np.float16}[dtype]
   if np_dtype is None:
     import ml_dtypes

@@ -63,6 +63,7 @@ def model_config_from_hf(hf: dict) -> dict:
       raise ConversionError(f"unsupported activation {act!r} for {arch}")
   if arch.endswith("ForSequenceClassification"):
     cfg["num_value_heads"] = int(hf.get("num_labels") or len(hf.get("id2label") or {}) or 1)
+    cfg["tie_embeddings"] = True  # no LM head in the checkpoint: the (unused) output layer is the embedding
   return cfg
 
 
@@ -195,7 +196,6 @@ def params_from_hf(directory: str, cfg, dtype=np.float32) -> dict:
     w = _expect("score.weight", t.get("score.weight"), (cfg.num_value_heads, cfg.hidden_size), directory)
     b = t.get("score.bias") if "score.bias" in t else np.zeros(cfg.num_value_heads, dtype)
     out["value_head"] = {"w": w.T.astype(dtype), "b": b.astype(dtype)}
-    out.pop("lm_head", None)
   return out
 
 
