@@ -42,7 +42,9 @@ def load(path: str) -> LoadedModel:
   from jalign import convert
   from jalign.data import load_tokenizer
   tok_dir = path
-  if os.path.exists(os.path.join(path, "config.json")):
+  is_hf = os.path.exists(os.path.join(path, "config.json")) and any(
+      os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json"))
+  if is_hf:
     cfg, params, _ = convert.read_hf_dir(path)
   else:
     from jalign import checkpoint

@@ -146,3 +146,49 @@ def test_cli(tmp_path):
   cfg = json.load(open(tmp_path / "h" / "config.json"))
   assert cfg["architectures"] == ["Qwen2ForCausalLM"] and cfg["tie_word_embeddings"] is True
   assert main(["hf-to-jalign", str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
+
+
+def _tiny_tokenizer(directory, vocab_size):
+  """A WordPiece-free character-level tokenizer.json (+ config) of at most ``vocab_size`` tokens."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+  chars = list("abcdefghijklmnopqrstuvwxyz0123456789+=?. \n")
+  vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+  assert len(vocab) <= vocab_size
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+  tok.decoder = decoders.Fuse()
+  tok.save(os.path.join(directory, "tokenizer.json"))
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump({"bos_token": "<s>", "eos_token": "</s>"}, f)
+
+
+def test_round_trip_through_sft(tmp_path):
+  """HF -> jalign -> a few SFT steps -> HF: transformers' logits equal jalign.load of the trained run."""
+  from jalign import config as config_lib
+  from jalign import train
+  _, src = build_hf(tmp_path, "llama")
+  _tiny_tokenizer(src, 101)
+  base = str(tmp_path / "base")
+  convert.hf_to_jalign(src, base)
+  data = tmp_path / "sft.jsonl"
+  with open(data, "w") as f:
+    for i in range(16):
+      f.write(json.dumps({"prompt": f"what is {i}+1?", "completion": f" {i + 1}."}) + "\n")
+  cfg = config_lib.base_config()
+  config_lib.apply_overrides(cfg, {"model.checkpoint": base, "data.train_path": str(data), "data.max_seq_len": "32",
+                                   "train.max_steps": "3", "train.global_batch_size": "8", "optim.lr": "1e-2",
+                                   "checkpoint.every_steps": "3", "eval.every_steps": "0"})
+  config_lib.validate(cfg)
+  run = str(tmp_path / "run")
+  train.run(cfg, run)
+  out = str(tmp_path / "hf_out")
+  convert.jalign_to_hf(run, out)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  tokens = np.random.RandomState(1).randint(0, 101, (2, 16))
+  with torch.no_grad():
+    theirs = hf(torch.tensor(tokens)).logits.numpy()
+  trained = jalign.load(run)
+  ours = np.asarray(trained(tokens))
+  np.testing.assert_allclose(theirs, ours, atol=1e-4 * np.abs(ours).max())
+  assert np.abs(ours - np.asarray(jalign.load(base)(tokens))).max() > 1e-3  # training changed the weights
+  assert trained.tokenizer is not None and trained.tokenizer.encode("1+1") == [30, 39, 30]
