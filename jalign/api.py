@@ -36,7 +36,8 @@ class LoadedModel:
 
 
 def load(path: str) -> LoadedModel:
-  """Load an HF model directory, a jalign model directory or a finished run directory."""
+  """Load an HF model directory, a ``.nemo`` (file or extracted directory), a jalign model directory or a finished
+  run directory."""
   import jax
 
   from jalign import convert
@@ -46,6 +47,13 @@ def load(path: str) -> LoadedModel:
       os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json"))
   if is_hf:
     cfg, params, _ = convert.read_hf_dir(path)
+  elif path.endswith(".nemo") or os.path.exists(os.path.join(path, "model_config.yaml")):
+    import tempfile
+    cfg, params, tok_files = convert.read_nemo(path)
+    tok_dir = tempfile.mkdtemp(prefix="jalign_tok_")
+    for name, data in tok_files.items():
+      with open(os.path.join(tok_dir, name), "wb") as f:
+        f.write(data)
   else:
     from jalign import checkpoint
     tok_dir = checkpoint.resolve_model_dir(path)

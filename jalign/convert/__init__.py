@@ -44,6 +44,32 @@ def hf_to_jalign(src: str, dst: str) -> str:
   return dst
 
 
+def read_nemo(src: str):
+  """(ModelConfig, numpy params, tokenizer files {name: path}) of a .nemo file or extracted directory; the
+  caller must copy tokenizer files before the temporary extraction is removed (use as a context)."""
+  from jalign.convert import nemo
+  from jalign.models import ModelConfig
+  with nemo.NemoDir(src) as nd:
+    cfg_kw, params = nemo.params_from_nemo(nd)
+    tok_files = {k: open(v, "rb").read() for k, v in nd.tokenizer_files().items()}
+  cfg = ModelConfig(**cfg_kw)
+  cfg.validate()
+  return cfg, params, tok_files
+
+
+def nemo_to_jalign(src: str, dst: str) -> str:
+  """.nemo (tarball or extracted directory) -> jalign model directory; the tokenizer artifact is carried over."""
+  from jalign import checkpoint
+  cfg, params, tok_files = read_nemo(src)
+  meta = cfg.to_dict()
+  meta["hf_family"] = "mistral" if cfg.sliding_window else "llama"
+  checkpoint.save_model(dst, params, meta)
+  for name, data in tok_files.items():
+    with open(os.path.join(dst, name), "wb") as f:
+      f.write(data)
+  return dst
+
+
 def read_jalign_dir(path: str):
   """(ModelConfig, params as numpy, metadata dict) of a jalign model directory."""
   import jax
@@ -86,4 +112,5 @@ def jalign_to_hf(src: str, dst: str, family: str | None = None, dtype: str = "fl
   return dst
 
 
-__all__ = ["SUPPORTED", "ConversionError", "hf_to_jalign", "jalign_to_hf", "read_hf_dir", "read_jalign_dir"]
+__all__ = ["SUPPORTED", "ConversionError", "hf_to_jalign", "jalign_to_hf", "nemo_to_jalign", "read_hf_dir",
+           "read_jalign_dir", "read_nemo"]

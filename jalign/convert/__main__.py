@@ -1,8 +1,8 @@
-"""python -m jalign.convert {hf-to-jalign,jalign-to-hf} SRC DST"""
+"""python -m jalign.convert {hf-to-jalign,jalign-to-hf,nemo-to-jalign} SRC DST"""
 import argparse
 import sys
 
-from jalign.convert import ConversionError, hf_to_jalign, jalign_to_hf
+from jalign.convert import ConversionError, hf_to_jalign, jalign_to_hf, nemo_to_jalign
 
 
 def main(argv=None) -> int:
@@ -17,11 +17,16 @@ def main(argv=None) -> int:
   b.add_argument("--family", choices=["llama", "mistral", "qwen2", "gemma"], default=None,
                  help="HF architecture to write (default: the one converted from, else llama)")
   b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+  c = sub.add_parser("nemo-to-jalign", help="a .nemo file (or its extracted directory) -> a jalign model directory")
+  c.add_argument("src")
+  c.add_argument("dst")
   args = p.parse_args(argv)
   from jalign.checkpoint import CheckpointError
   try:
     if args.cmd == "hf-to-jalign":
       out = hf_to_jalign(args.src, args.dst)
+    elif args.cmd == "nemo-to-jalign":
+      out = nemo_to_jalign(args.src, args.dst)
     else:
       out = jalign_to_hf(args.src, args.dst, args.family, args.dtype)
   except (ConversionError, CheckpointError, FileNotFoundError) as e:
