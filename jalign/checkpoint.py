@@ -46,16 +46,46 @@ class Checkpointer:
     self.mngr.close()
 
 
+def flatten(params: dict, prefix="") -> list[tuple[str, object]]:
+  """[("embed", x), ("layers.q", y), ...] in a fixed order."""
+  out = []
+  for k in sorted(params):
+    v = params[k]
+    out += flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+  return out
+
+
+def unflatten(items) -> dict:
+  out: dict = {}
+  for name, v in items:
+    node = out
+    *parents, last = name.split(".")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[last] = v
+  return out
+
+
 def save_model(directory: str, params, model_cfg_dict: dict, tokenizer_files=()):
-  """Write a model directory (params through Orbax; config and tokenizer files beside them)."""
+  """Write a model directory: ``params/<name>/`` (one Orbax checkpoint per tensor, so a converter can stream
+  tensors through without holding the model), ``params/index.json``, ``model_config.json`` and tokenizer files.
+  ``params`` is a nested dict or an iterable of (dotted name, array)."""
   directory = os.path.abspath(directory)
-  if jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
-  ckptr = ocp.StandardCheckpointer()
   params_dir = os.path.join(directory, "params")
-  ckptr.save(params_dir, params, force=True)
-  ckptr.wait_until_finished()
-  if jax.process_index() == 0:
+  main = jax.process_index() == 0
+  if main:
+    os.makedirs(params_dir, exist_ok=True)
+  items = flatten(params) if isinstance(params, dict) else params
+  ckptr = ocp.StandardCheckpointer()
+  index = {}
+  for name, arr in items:
+    ckptr.save(os.path.join(params_dir, name), {"x": arr}, force=True)
+    ckptr.wait_until_finished()
+    index[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype)}
+    del arr
+  if main:
+    with open(os.path.join(params_dir, "index.json"), "w") as f:
+      json.dump(index, f, indent=2)
     with open(os.path.join(directory, "model_config.json"), "w") as f:
       json.dump(model_cfg_dict, f, indent=2, sort_keys=True)
     for src in tokenizer_files:
@@ -78,35 +108,21 @@ def resolve_model_dir(path: str) -> str:
 
 
 def load_params(path: str, abstract_params: dict, optional=("value_head",)) -> dict:
-  """Restore params into ``abstract_params`` (ShapeDtypeStructs with shardings). Keys in ``optional`` are
-  loaded only when the checkpoint has them; a missing or mis-shaped tensor fails naming the tensor and both
-  shapes. Checkpoint entries the model does not use (say, a reward head when fine-tuning) are read and dropped."""
-  ckpt_dir = os.path.abspath(os.path.join(resolve_model_dir(path), "params"))
+  """Restore params into ``abstract_params`` (ShapeDtypeStructs with shardings), tensor by tensor. Keys in
+  ``optional`` are loaded only when the checkpoint has them; a missing or mis-shaped tensor fails naming the
+  tensor and both shapes. Tensors the model does not use (say, a reward head when fine-tuning) are skipped."""
+  params_dir = os.path.abspath(os.path.join(resolve_model_dir(path), "params"))
+  with open(os.path.join(params_dir, "index.json")) as f:
+    index = json.load(f)
+  saved_top = {name.split(".")[0] for name in index}
+  wanted = {k: v for k, v in abstract_params.items() if k not in optional or k in saved_top}
   ckptr = ocp.StandardCheckpointer()
-  meta = ckptr.metadata(ckpt_dir)
-  tree = getattr(meta, "item_metadata", meta)
-  tree = dict(getattr(tree, "tree", tree))
-  wanted = {k: v for k, v in abstract_params.items() if k not in optional or k in tree}
-  _check_shapes(wanted, tree, path)
-  some = jax.tree.leaves(abstract_params)[0].sharding
-  replicated = (jax.sharding.NamedSharding(some.mesh, jax.sharding.PartitionSpec())
-                if isinstance(some, jax.sharding.NamedSharding) else some)
-  target = dict(wanted)
-  for k in tree:
-    if k not in target:
-      target[k] = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=replicated),
-                               tree[k])
-  restored = ckptr.restore(ckpt_dir, target)
-  return {k: restored[k] for k in wanted}
-
-
-def _check_shapes(expected, saved, path, prefix=""):
-  for k, v in expected.items():
-    name = f"{prefix}{k}"
-    if k not in saved:
+  out = []
+  for name, target in flatten(wanted):
+    if name not in index:
       raise CheckpointError(f"{path}: tensor {name!r} missing from the checkpoint")
-    if isinstance(v, dict):
-      _check_shapes(v, saved[k], path, name + "/")
-    elif tuple(saved[k].shape) != tuple(v.shape):
-      raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(saved[k].shape)} in the checkpoint, "
-                            f"the model expects {tuple(v.shape)}")
+    if tuple(index[name]["shape"]) != tuple(target.shape):
+      raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(index[name]['shape'])} in the checkpoint, "
+                            f"the model expects {tuple(target.shape)}")
+    out.append((name, ckptr.restore(os.path.join(params_dir, name), {"x": target})["x"]))
+  return unflatten(out)

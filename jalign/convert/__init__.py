@@ -19,8 +19,8 @@ def _copy_tokenizer(src: str, dst: str) -> list[str]:
   return copied
 
 
-def read_hf_dir(src: str):
-  """(ModelConfig, numpy params, family) of an HF model directory."""
+def hf_model_config(src: str):
+  """(ModelConfig, family) of an HF model directory."""
   from jalign.convert import hf
   from jalign.models import ModelConfig
   cfg_path = os.path.join(src, "config.json")
@@ -30,16 +30,25 @@ def read_hf_dir(src: str):
     hf_cfg = json.load(f)
   cfg = ModelConfig(**hf.model_config_from_hf(hf_cfg))
   cfg.validate()
-  return cfg, hf.params_from_hf(src, cfg), hf_cfg["model_type"]
+  return cfg, hf_cfg["model_type"]
+
+
+def read_hf_dir(src: str):
+  """(ModelConfig, numpy params, family) of an HF model directory."""
+  from jalign.convert import hf
+  cfg, family = hf_model_config(src)
+  return cfg, hf.params_from_hf(src, cfg), family
 
 
 def hf_to_jalign(src: str, dst: str) -> str:
-  """HF directory -> jalign model directory (Orbax params, model_config.json, tokenizer files)."""
+  """HF directory -> jalign model directory (Orbax params, model_config.json, tokenizer files), streamed one
+  parameter at a time."""
   from jalign import checkpoint
-  cfg, params, family = read_hf_dir(src)
+  from jalign.convert import hf
+  cfg, family = hf_model_config(src)
   meta = cfg.to_dict()
   meta["hf_family"] = family
-  checkpoint.save_model(dst, params, meta)
+  checkpoint.save_model(dst, hf.iter_params_from_hf(src, cfg), meta)
   _copy_tokenizer(src, dst)
   return dst
 

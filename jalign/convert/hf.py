@@ -165,21 +165,20 @@ def _expect(name, arr, shape, where):
   return arr
 
 
-def params_from_hf(directory: str, cfg, dtype=np.float32) -> dict:
-  """Read an HF directory into jalign params (numpy), one tensor at a time."""
+def iter_params_from_hf(directory: str, cfg, dtype=np.float32):
+  """Yield (dotted jalign name, numpy array) one parameter at a time: at most one stacked parameter and one
+  source tensor are in memory at once."""
   from jalign.models.transformer import param_specs
   t = HFTensors(directory)
   specs = param_specs(cfg)
-  L = cfg.num_layers
-  out = {"embed": _expect("model.embed_tokens.weight", t.get("model.embed_tokens.weight").astype(dtype),
-                          specs["embed"][0], directory),
-         "final_norm": _expect("model.norm.weight", t.get("model.norm.weight").astype(dtype),
-                               specs["final_norm"][0], directory)}
-  layers = {}
+  yield "embed", _expect("model.embed_tokens.weight", t.get("model.embed_tokens.weight"), specs["embed"][0],
+                         directory).astype(dtype)
+  yield "final_norm", _expect("model.norm.weight", t.get("model.norm.weight"), specs["final_norm"][0],
+                              directory).astype(dtype)
   for name, (hf_name, to_j, _) in _layer_map(cfg).items():
     shape = specs["layers"][name][0]
     arr = np.empty(shape, dtype)
-    for i in range(L):
+    for i in range(cfg.num_layers):
       full = f"model.layers.{i}.{hf_name}"
       w = t.get(full)
       try:
@@ -187,16 +186,23 @@ def params_from_hf(directory: str, cfg, dtype=np.float32) -> dict:
       except ValueError:
         raise ConversionError(f"{directory}: tensor {full!r} has shape {tuple(w.shape)}, which does not fit "
                               f"jalign's {shape[1:]}") from None
-    layers[name] = arr
-  out["layers"] = layers
+      del w
+    yield f"layers.{name}", arr
+    del arr
   if not cfg.tie_embeddings:
-    out["lm_head"] = _expect("lm_head.weight", t.get("lm_head.weight"), specs["lm_head"][0][::-1],
+    yield "lm_head", _expect("lm_head.weight", t.get("lm_head.weight"), specs["lm_head"][0][::-1],
                              directory).T.astype(dtype)
   if cfg.num_value_heads:
     w = _expect("score.weight", t.get("score.weight"), (cfg.num_value_heads, cfg.hidden_size), directory)
     b = t.get("score.bias") if "score.bias" in t else np.zeros(cfg.num_value_heads, dtype)
-    out["value_head"] = {"w": w.T.astype(dtype), "b": b.astype(dtype)}
-  return out
+    yield "value_head.w", w.T.astype(dtype)
+    yield "value_head.b", b.astype(dtype)
+
+
+def params_from_hf(directory: str, cfg, dtype=np.float32) -> dict:
+  """Read an HF directory into jalign params (numpy)."""
+  from jalign.checkpoint import unflatten
+  return unflatten(iter_params_from_hf(directory, cfg, dtype))
 
 
 def hf_tensors_from_params(params: dict, cfg):
