@@ -185,6 +185,63 @@ def run_trl(dtype: str, steps: int) -> dict:
 RUNNERS = {"jalign": run_jalign, "torch": run_torch, "trl": run_trl}
 
 
+# ---------------------------------------------------------------------------------------------- convert
+
+CONVERT_ARCH = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                    num_attention_heads=32, num_key_value_heads=8)  # Llama-3.2-1B shapes, untied: 1.50B params
+
+
+def make_synthetic_hf(directory: str, shard_bytes: int = 1 << 30) -> int:
+  """A random HF Llama checkpoint (fp16 safetensors in ~1 GiB shards); returns its parameter count."""
+  from jalign.convert import hf
+  a = CONVERT_ARCH
+  D, F, V, H, K = (a["hidden_size"], a["intermediate_size"], a["vocab_size"], a["num_attention_heads"],
+                   a["num_key_value_heads"])
+  dh = D // H
+  rng = np.random.default_rng(0)
+  shapes = [("model.embed_tokens.weight", (V, D))]
+  for i in range(a["num_hidden_layers"]):
+    p = f"model.layers.{i}."
+    shapes += [(p + "input_layernorm.weight", (D,)), (p + "post_attention_layernorm.weight", (D,)),
+               (p + "self_attn.q_proj.weight", (H * dh, D)), (p + "self_attn.k_proj.weight", (K * dh, D)),
+               (p + "self_attn.v_proj.weight", (K * dh, D)), (p + "self_attn.o_proj.weight", (D, H * dh)),
+               (p + "mlp.gate_proj.weight", (F, D)), (p + "mlp.up_proj.weight", (F, D)),
+               (p + "mlp.down_proj.weight", (D, F))]
+  shapes += [("model.norm.weight", (D,)), ("lm_head.weight", (V, D))]
+  gen = ((n, (rng.standard_normal(s, dtype=np.float32) * 0.02).astype(np.float16)) for n, s in shapes)
+  hf.write_safetensors(gen, directory, max_shard_bytes=shard_bytes)
+  cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", rms_norm_eps=1e-5, rope_theta=500000.0,
+             tie_word_embeddings=False, hidden_act="silu", max_position_embeddings=8192, **a)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(cfg, f)
+  return int(sum(np.prod(s) for _, s in shapes))
+
+
+def _peak_rss_of(cmd) -> tuple[float, float]:
+  """(seconds, peak RSS in MB) of a child process."""
+  t0 = time.perf_counter()
+  r = subprocess.run(cmd, capture_output=True, text=True)
+  if r.returncode:
+    raise RuntimeError(r.stderr[-3000:])
+  return time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def bench_convert(workdir: str) -> list[dict]:
+  src, dst, back = (os.path.join(workdir, n) for n in ("hf", "jalign", "hf_back"))
+  n = make_synthetic_hf(src)
+  hf_bytes = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src))
+  largest_fp32 = max(CONVERT_ARCH["vocab_size"] * CONVERT_ARCH["hidden_size"],
+                     CONVERT_ARCH["num_hidden_layers"] * CONVERT_ARCH["hidden_size"] * CONVERT_ARCH["intermediate_size"]) * 4
+  rows = []
+  for name, cmd in (("hf-to-jalign", [sys.executable, "-m", "jalign.convert", "hf-to-jalign", src, dst]),
+                    ("jalign-to-hf", [sys.executable, "-m", "jalign.convert", "jalign-to-hf", dst, back])):
+    secs, rss = _peak_rss_of(cmd)  # RUSAGE_CHILDREN: the largest child so far, so run in this order
+    rows.append({"step": name, "params": n, "seconds": secs, "peak_rss_mb": rss,
+                 "model_fp32_mb": n * 4 / 2**20, "source_mb": hf_bytes / 2**20,
+                 "largest_jalign_tensor_mb": largest_fp32 / 2**20})
+  return rows
+
+
 # ---------------------------------------------------------------------------------------------- driver
 
 def _child(framework, dtype, steps, threads):
@@ -239,14 +296,25 @@ def print_table(rows, anchor="torch"):
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m jalign.bench", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("which", choices=["sft"])
+  p.add_argument("which", choices=["sft", "convert"])
   p.add_argument("--steps", type=int, default=10, help="timed steps per run (after one compile step)")
   p.add_argument("--rounds", type=int, default=3, help="alternating rounds per framework; the best is reported")
   p.add_argument("--dtypes", default="float32,bfloat16")
   p.add_argument("--frameworks", default="jalign,torch,trl")
   p.add_argument("--threads", type=int, default=os.cpu_count())
   p.add_argument("--json", default="", help="also write the rows to this file")
+  p.add_argument("--workdir", default="", help="convert: where to write the synthetic checkpoints (temp dir)")
   a = p.parse_args(argv)
+  if a.which == "convert":
+    with tempfile.TemporaryDirectory(dir=a.workdir or None) as wd:
+      rows = bench_convert(wd)
+    print("| step | params | seconds | peak RSS (MB) | model in fp32 (MB) | HF source, fp16 (MB) | largest jalign "
+          "tensor (MB) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+      print(f"| {r['step']} | {r['params'] / 1e9:.2f}B | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['model_fp32_mb']:.0f} | {r['source_mb']:.0f} | {r['largest_jalign_tensor_mb']:.0f} |")
+    return
   print(f"jalign.bench sft: B={B} T={T} arch={ARCH} threads={a.threads} steps={a.steps} rounds={a.rounds}",
         file=sys.stderr)
   rows = bench_sft(a.steps, a.rounds, a.dtypes.split(","), a.frameworks.split(","), a.threads)

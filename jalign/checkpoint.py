@@ -66,6 +66,15 @@ def unflatten(items) -> dict:
   return out
 
 
+def release_freed_memory():
+  """Hand memory freed by the serialisation threads back to the OS (glibc keeps it in per-thread arenas)."""
+  try:
+    import ctypes
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
 def save_model(directory: str, params, model_cfg_dict: dict, tokenizer_files=()):
   """Write a model directory: ``params/<name>/`` (one Orbax checkpoint per tensor, so a converter can stream
   tensors through without holding the model), ``params/index.json``, ``model_config.json`` and tokenizer files.
@@ -76,13 +85,14 @@ def save_model(directory: str, params, model_cfg_dict: dict, tokenizer_files=())
   if main:
     os.makedirs(params_dir, exist_ok=True)
   items = flatten(params) if isinstance(params, dict) else params
-  ckptr = ocp.StandardCheckpointer()
   index = {}
   for name, arr in items:
-    ckptr.save(os.path.join(params_dir, name), {"x": arr}, force=True)
-    ckptr.wait_until_finished()
+    # a synchronous checkpointer per tensor: nothing is kept alive between tensors
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+      ckptr.save(os.path.join(params_dir, name), args=ocp.args.StandardSave({"x": arr}), force=True)
     index[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype)}
     del arr
+    release_freed_memory()
   if main:
     with open(os.path.join(params_dir, "index.json"), "w") as f:
       json.dump(index, f, indent=2)
@@ -107,6 +117,12 @@ def resolve_model_dir(path: str) -> str:
                         "holding one in model/")
 
 
+def load_tensor(model_dir: str, name: str, target):
+  """One tensor (dotted name) of a model directory, restored into ``target`` (a ShapeDtypeStruct)."""
+  params_dir = os.path.abspath(os.path.join(model_dir, "params"))
+  return ocp.StandardCheckpointer().restore(os.path.join(params_dir, name), {"x": target})["x"]
+
+
 def load_params(path: str, abstract_params: dict, optional=("value_head",)) -> dict:
   """Restore params into ``abstract_params`` (ShapeDtypeStructs with shardings), tensor by tensor. Keys in
   ``optional`` are loaded only when the checkpoint has them; a missing or mis-shaped tensor fails naming the
@@ -116,7 +132,6 @@ def load_params(path: str, abstract_params: dict, optional=("value_head",)) -> d
     index = json.load(f)
   saved_top = {name.split(".")[0] for name in index}
   wanted = {k: v for k, v in abstract_params.items() if k not in optional or k in saved_top}
-  ckptr = ocp.StandardCheckpointer()
   out = []
   for name, target in flatten(wanted):
     if name not in index:
@@ -124,5 +139,5 @@ def load_params(path: str, abstract_params: dict, optional=("value_head",)) -> d
     if tuple(index[name]["shape"]) != tuple(target.shape):
       raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(index[name]['shape'])} in the checkpoint, "
                             f"the model expects {tuple(target.shape)}")
-    out.append((name, ckptr.restore(os.path.join(params_dir, name), {"x": target})["x"]))
+    out.append((name, load_tensor(os.path.dirname(params_dir), name, target)))
   return unflatten(out)

@@ -192,3 +192,19 @@ def test_round_trip_through_sft(tmp_path):
   np.testing.assert_allclose(theirs, ours, atol=1e-4 * np.abs(ours).max())
   assert np.abs(ours - np.asarray(jalign.load(base)(tokens))).max() > 1e-3  # training changed the weights
   assert trained.tokenizer is not None and trained.tokenizer.encode("1+1") == [30, 39, 30]
+
+
+def test_streaming_safetensors_writer_shards(tmp_path):
+  import ml_dtypes
+  from safetensors.numpy import load_file
+  ts = [("a", np.arange(6, dtype=np.float32).reshape(2, 3)), ("b", np.ones(5, ml_dtypes.bfloat16)),
+        ("c", np.arange(4, dtype=np.float16))]
+  hf_lib.write_safetensors(iter(ts), str(tmp_path), max_shard_bytes=30)
+  index = json.load(open(tmp_path / "model.safetensors.index.json"))
+  assert index["weight_map"] == {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors",
+                                 "c": "model-00002-of-00002.safetensors"}
+  got = {**load_file(str(tmp_path / "model-00001-of-00002.safetensors")),
+         **load_file(str(tmp_path / "model-00002-of-00002.safetensors"))}
+  for name, arr in ts:
+    assert got[name].dtype == arr.dtype and np.array_equal(got[name], arr)
+  assert not [f for f in os.listdir(tmp_path) if f.endswith((".tmp", ".data"))]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -79,10 +80,8 @@ def nemo_to_jalign(src: str, dst: str) -> str:
   return dst
 
 
-def read_jalign_dir(path: str):
-  """(ModelConfig, params as numpy, metadata dict) of a jalign model directory."""
+def _jalign_dir_target(path: str):
   import jax
-  import orbax.checkpoint as ocp
 
   from jalign import checkpoint
   from jalign.models import ModelConfig, param_shapes
@@ -90,34 +89,53 @@ def read_jalign_dir(path: str):
   meta = checkpoint.read_model_config(path)
   cfg = ModelConfig.from_config({k: v for k, v in meta.items() if k != "lora_targets"} |
                                 {"lora_targets": tuple(meta.get("lora_targets", ("q", "v")))})
-  dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0] if jax.devices("cpu") else jax.devices()[0])
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), param_shapes(cfg))
   target.pop("lora", None)
+  return path, cfg, meta, target
+
+
+def read_jalign_dir(path: str):
+  """(ModelConfig, params as numpy, metadata dict) of a jalign model directory."""
+  import jax
+
+  from jalign import checkpoint
+  path, cfg, meta, target = _jalign_dir_target(path)
   params = checkpoint.load_params(path, target)
   return cfg, jax.tree.map(lambda x: jax.device_get(x), params), meta
 
 
 def jalign_to_hf(src: str, dst: str, family: str | None = None, dtype: str = "float32") -> str:
-  """jalign model directory -> HF directory loadable by transformers (and vLLM)."""
+  """jalign model directory -> HF directory loadable by transformers (and vLLM), one parameter at a time."""
+  import jax
   import numpy as np
 
+  from jalign import checkpoint
   from jalign.convert import hf
-  cfg, params, meta = read_jalign_dir(src)
+  path, cfg, meta, target = _jalign_dir_target(src)
   family = family or meta.get("hf_family") or "llama"
-  if cfg.num_value_heads and np.any(np.asarray(params["value_head"]["b"]) != 0):
-    import logging
-    logging.getLogger(__name__).warning(
-        "the value head has a non-zero bias %s; HF's `score` layer has none, so exported rewards are shifted by it",
-        np.asarray(params["value_head"]["b"]))
   np_dtype = {"float32": np.float32, "bfloat16": None, "float16": np.float16}[dtype]
   if np_dtype is None:
     import ml_dtypes
     np_dtype = ml_dtypes.bfloat16
+
+  def tensors():
+    for name, leaf in checkpoint.flatten(target):
+      arr = np.asarray(jax.device_get(checkpoint.load_tensor(path, name, leaf)))
+      if name == "value_head.b" and np.any(arr != 0):
+        logging.getLogger(__name__).warning(
+            "the value head has a non-zero bias %s; HF's `score` layer has none, so exported rewards are shifted "
+            "by it", arr)
+      for hf_name, t in hf.hf_tensors_for(name, arr, cfg):
+        yield hf_name, t.astype(np_dtype)
+      del arr
+      checkpoint.release_freed_memory()
+
   os.makedirs(dst, exist_ok=True)
-  hf.write_safetensors(((k, v.astype(np_dtype)) for k, v in hf.hf_tensors_from_params(params, cfg)), dst)
+  hf.write_safetensors(tensors(), dst)
   with open(os.path.join(dst, "config.json"), "w") as f:
     json.dump(hf.hf_config_from_model(cfg.to_dict(), family, dtype), f, indent=2)
-  _copy_tokenizer(src, dst)
+  _copy_tokenizer(path, dst)
   return dst
 
 

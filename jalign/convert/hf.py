@@ -123,19 +123,18 @@ class HFTensors:
     else:
       raise ConversionError(f"{directory}: no model.safetensors or model.safetensors.index.json")
     self.weight_map = wm
-    self._open = {}
 
   def __contains__(self, name):
     return name in self.weight_map
 
   def get(self, name: str) -> np.ndarray:
+    """A copy of one tensor; the file is mapped only while reading it, so the pages of tensors already read do
+    not stay resident."""
     from safetensors import safe_open
     if name not in self.weight_map:
       raise ConversionError(f"{self.directory}: tensor {name!r} is missing")
-    fname = self.weight_map[name]
-    if fname not in self._open:
-      self._open[fname] = safe_open(os.path.join(self.directory, fname), framework="np")
-    return self._open[fname].get_tensor(name)
+    with safe_open(os.path.join(self.directory, self.weight_map[name]), framework="np") as f:
+      return np.array(f.get_tensor(name))
 
 def _layer_map(cfg):
   """jalign layer param -> (HF name in layer i, to_jalign(W), to_hf(w))."""
@@ -190,8 +189,8 @@ def iter_params_from_hf(directory: str, cfg, dtype=np.float32):
     yield f"layers.{name}", arr
     del arr
   if not cfg.tie_embeddings:
-    yield "lm_head", _expect("lm_head.weight", t.get("lm_head.weight"), specs["lm_head"][0][::-1],
-                             directory).T.astype(dtype)
+    yield "lm_head", np.ascontiguousarray(_expect("lm_head.weight", t.get("lm_head.weight"),
+                                                  specs["lm_head"][0][::-1], directory).T, dtype=dtype)
   if cfg.num_value_heads:
     w = _expect("score.weight", t.get("score.weight"), (cfg.num_value_heads, cfg.hidden_size), directory)
     b = t.get("score.bias") if "score.bias" in t else np.zeros(cfg.num_value_heads, dtype)
@@ -205,40 +204,74 @@ def params_from_hf(directory: str, cfg, dtype=np.float32) -> dict:
   return unflatten(iter_params_from_hf(directory, cfg, dtype))
 
 
-def hf_tensors_from_params(params: dict, cfg):
-  """Yield (HF name, numpy array) for jalign params (LoRA must already be merged)."""
-  yield "model.embed_tokens.weight", np.asarray(params["embed"])
-  for i in range(cfg.num_layers):
-    for name, (hf_name, _, to_hf) in _layer_map(cfg).items():
-      yield f"model.layers.{i}.{hf_name}", np.ascontiguousarray(to_hf(np.asarray(params["layers"][name][i])))
-  yield "model.norm.weight", np.asarray(params["final_norm"])
-  if cfg.num_value_heads:
-    yield "score.weight", np.ascontiguousarray(np.asarray(params["value_head"]["w"]).T)
-  elif not cfg.tie_embeddings:
-    yield "lm_head.weight", np.ascontiguousarray(np.asarray(params["lm_head"]).T)
+def hf_tensors_for(name: str, arr: np.ndarray, cfg):
+  """HF (name, tensor) pairs for one jalign parameter (dotted name; LoRA must already be merged)."""
+  if name == "embed":
+    yield "model.embed_tokens.weight", arr
+  elif name == "final_norm":
+    yield "model.norm.weight", arr
+  elif name == "lm_head":
+    if not cfg.tie_embeddings and not cfg.num_value_heads:
+      yield "lm_head.weight", np.ascontiguousarray(arr.T)
+  elif name.startswith("layers."):
+    hf_name, _, to_hf = _layer_map(cfg)[name.split(".", 1)[1]]
+    for i in range(cfg.num_layers):
+      yield f"model.layers.{i}.{hf_name}", np.ascontiguousarray(to_hf(arr[i]))
+  elif name == "value_head.w":
+    yield "score.weight", np.ascontiguousarray(arr.T)
+
+
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int32": "I32",
+              "int64": "I64", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+class _ShardWriter:
+  """One safetensors file written as tensors arrive: data goes to a side file, and the header (which must come
+  first) is written when the shard closes, so only the tensor in hand is ever in memory."""
+
+  def __init__(self, path):
+    self.path, self.header, self.size = path, {}, 0
+    self.data = open(path + ".data", "wb")
+
+  def add(self, name, arr):
+    arr = np.ascontiguousarray(arr)
+    self.header[name] = {"dtype": _ST_DTYPES[str(arr.dtype)], "shape": list(arr.shape),
+                         "data_offsets": [self.size, self.size + arr.nbytes]}
+    self.data.write(memoryview(arr.reshape(-1).view(np.uint8)))
+    self.size += arr.nbytes
+
+  def close(self):
+    self.data.close()
+    head = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(self.path, "wb") as out, open(self.path + ".data", "rb") as src:
+      out.write(len(head).to_bytes(8, "little"))
+      out.write(head)
+      while chunk := src.read(64 << 20):
+        out.write(chunk)
+    os.remove(self.path + ".data")
 
 
 def write_safetensors(tensors, directory: str, max_shard_bytes: int = 4 << 30):
-  """Write (name, array) pairs as safetensors shards (with an index when there is more than one)."""
-  from safetensors.numpy import save_file
+  """Write (name, array) pairs as safetensors shards of at most ``max_shard_bytes`` (with an index when there
+  is more than one), one tensor in memory at a time."""
   os.makedirs(directory, exist_ok=True)
-  shards, cur, size = [], {}, 0
+  shards = [_ShardWriter(os.path.join(directory, "shard-00001.tmp"))]
   for name, arr in tensors:
-    if cur and size + arr.nbytes > max_shard_bytes:
-      shards.append(cur)
-      cur, size = {}, 0
-    cur[name] = arr
-    size += arr.nbytes
-  shards.append(cur)
+    if shards[-1].size and shards[-1].size + arr.nbytes > max_shard_bytes:
+      shards[-1].close()
+      shards.append(_ShardWriter(os.path.join(directory, f"shard-{len(shards) + 1:05d}.tmp")))
+    shards[-1].add(name, arr)
+    del arr
+  shards[-1].close()
   if len(shards) == 1:
-    save_file(shards[0], os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    os.replace(shards[0].path, os.path.join(directory, "model.safetensors"))
     return
   weight_map, total = {}, 0
-  for i, shard in enumerate(shards):
+  for i, sh in enumerate(shards):
     fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    save_file(shard, os.path.join(directory, fname), metadata={"format": "pt"})
-    for k, v in shard.items():
-      weight_map[k] = fname
-      total += v.nbytes
+    os.replace(sh.path, os.path.join(directory, fname))
+    weight_map.update({k: fname for k in sh.header})
+    total += sh.size
   with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
