@@ -278,3 +278,38 @@ def test_eval_batches_pad_with_empty_rows():
   rows = build_rows(_examples([8] * 5), 8, 0, packing=False)
   bs = list(eval_batches(rows, global_batch=4, pad_id=0, process_index=0, process_count=1))
   assert len(bs) == 2 and bs[1]["loss_mask"][1:].sum() == 0 and bs[1]["segment_ids"][1:].sum() == 0
+
+
+NEMO_JINJA = ("{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}"
+              "{% set msgs = messages[1:] %}{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}"
+              "{{ '<extra_id_0>System\n' + sys + '\n' }}{% for m in msgs %}"
+              "{{ '<extra_id_1>' + ('User' if m['role'] == 'user' else 'Assistant') + '\n' + m['content'] + '\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<extra_id_1>Assistant\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("gen", [False, True])
+def test_sentencepiece_chat_matches_transformers(tmp_path, gen):
+  """A SentencePiece tokenizer with a Jinja chat template: our rendering and token ids equal transformers'."""
+  import shutil
+  transformers = pytest.importorskip("transformers")
+  shutil.copy(TOK, tmp_path / "tokenizer.model")
+  with open(tmp_path / "tokenizer_config.json", "w") as f:
+    json.dump({"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": False,
+               "add_eos_token": False, "add_prefix_space": False, "bos_token": "<s>", "eos_token": "</s>",
+               "chat_template": NEMO_JINJA}, f)
+  ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  ours = load_tokenizer(str(tmp_path))
+  assert ours.kind == "sentencepiece" and ours.chat_template == NEMO_JINJA
+  convs = [[{"role": "user", "content": "What is 12+34?"}, {"role": "assistant", "content": "46"}],
+           [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Reverse abc."},
+            {"role": "assistant", "content": "cba"}, {"role": "user", "content": "What is 1+2?"}]]
+  for conv in convs:
+    text = templates.render_hf(ours.chat_template, conv, add_generation_prompt=gen, bos_token="<s>",
+                               eos_token="</s>")
+    assert text == ref.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+    want = ref.apply_chat_template(conv, tokenize=True, add_generation_prompt=gen)
+    want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+    assert ours.encode(text) == list(want)
+  # and the NeMo template rendered by jalign itself equals the Jinja one
+  segs = templates.nemo_chat_segments("", [("User", "What is 12+34?", None), ("Assistant", "46", None)], "User")
+  assert "".join(t for t, _ in segs) == templates.render_hf(NEMO_JINJA, convs[0]) + "<extra_id_1>"
