@@ -99,6 +99,20 @@ def write_nemo(model, root, layout, as_tar=True):
     for r, shard in enumerate(tp_split(sd, 2, G + 2, c.hidden_size // c.num_attention_heads)):
       os.makedirs(os.path.join(d, f"mp_rank_{r:02d}"))
       torch.save(to_torch(shard), os.path.join(d, f"mp_rank_{r:02d}", "model_weights.ckpt"))
+  elif layout == "pp2":  # pipeline parallel: each stage holds its own layers, numbered from 0
+    L = model.config.num_hidden_layers
+    for stage in range(2):
+      shard = {}
+      for k, v in sd.items():
+        if k.startswith("decoder.layers."):
+          i, rest = k[len("decoder.layers."):].split(".", 1)
+          if int(i) // (L // 2) == stage:
+            shard[f"decoder.layers.{int(i) - stage * (L // 2)}.{rest}"] = v
+        elif (k.startswith("embedding") and stage == 0) or (not k.startswith("embedding") and stage == 1):
+          shard[k] = v
+      rank_dir = os.path.join(d, f"tp_rank_00_pp_rank_{stage:03d}")
+      os.makedirs(rank_dir)
+      torch.save(to_torch(shard), os.path.join(rank_dir, "model_weights.ckpt"))
   else:  # Megatron-Core distributed: homogeneous layers stacked on a leading axis
     import torch.distributed.checkpoint as dcp
     L = model.config.num_hidden_layers
@@ -122,7 +136,8 @@ def hf_llama(tmp_path_factory):
   return model
 
 
-@pytest.mark.parametrize("layout,as_tar", [("legacy", True), ("tp2", True), ("dist", True), ("dist", False)])
+@pytest.mark.parametrize("layout,as_tar", [("legacy", True), ("tp2", True), ("pp2", False), ("dist", True),
+                                           ("dist", False)])
 def test_nemo_matches_hf_logits(hf_llama, tmp_path, layout, as_tar):
   src = write_nemo(hf_llama, str(tmp_path), layout, as_tar)
   dst = str(tmp_path / "jalign")
