@@ -149,6 +149,14 @@ def use(mesh: Mesh, rules: dict):
     _CTX.reset(token)
 
 
+def bind(fn, mesh: Mesh, rules: dict):
+  """``fn`` traced with ``use(mesh, rules)`` active (wrap before ``jax.jit``)."""
+  def wrapped(*args):
+    with use(mesh, rules):
+      return fn(*args)
+  return wrapped
+
+
 def constrain(x, axes):
   """Sharding constraint by logical axis names; a no-op outside ``use(...)``."""
   ctx = _CTX.get()

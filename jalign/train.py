@@ -166,12 +166,7 @@ def run(cfg, workdir: str, on_step=None) -> dict:
   # ---- steps
   loss_fn = functools.partial(_bind_loss, algo.loss_fn, model_cfg)
 
-  def traced(fn):
-    def wrapped(*a):
-      with sharding.use(mesh, rules):
-        return fn(*a)
-    return wrapped
-
+  traced = functools.partial(sharding.bind, mesh=mesh, rules=rules)
   train_step = jax.jit(traced(trainer.make_train_step(loss_fn, optimizer, schedule, n_micro)),
                        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
                        donate_argnums=(0,))

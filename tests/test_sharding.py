@@ -43,12 +43,7 @@ def _run(mesh_shape, n_micro=1):
   batch_sh = {k: sharding.named_sharding(ax, rules, mesh, (B, T)) for k, ax in sft.BATCH_AXES.items()}
   loss_fn = lambda p, b, r: sft.loss_fn(p, b, CFG, r)
 
-  def traced(fn):
-    def wrapped(*a):
-      with sharding.use(mesh, rules):
-        return fn(*a)
-    return wrapped
-
+  traced = functools.partial(sharding.bind, mesh=mesh, rules=rules)
   step = jax.jit(traced(trainer.make_train_step(loss_fn, optimizer, schedule, n_micro)),
                  in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
                  donate_argnums=(0,))
