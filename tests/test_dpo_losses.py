@@ -1,0 +1,92 @@
+"""DPO-family losses against independent implementations: TRL's own loss methods where TRL has them as callable
+functions (SimPO via CPOTrainer.cpo_loss, ORPO via ORPOTrainer.odds_ratio_loss), torch implementations of the
+NeMo-Aligner / TRL formulas otherwise, and hand-derived values."""
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from jalign.algorithms.dpo import preference_losses
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+RNG = np.random.RandomState(0)
+PC, PR = -RNG.rand(16) * 20, -RNG.rand(16) * 20         # summed log-probs
+RC, RR = PC + RNG.randn(16), PR + RNG.randn(16)
+GC, GR = RNG.randint(0, 5, 16).astype(np.float64), RNG.randint(0, 5, 16).astype(np.float64)
+
+
+def ours(loss_type, **kw):
+  loss, _ = preference_losses(PC, PR, RC, RR, loss_type=loss_type, **kw)
+  return np.asarray(loss)
+
+
+def t(x):
+  return torch.tensor(x, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("beta,eps", [(0.1, 0.0), (0.5, 0.2)])
+def test_dpo_and_cdpo_against_torch(beta, eps):
+  z = beta * ((t(PC) - t(RC)) - (t(PR) - t(RR)))
+  want = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+  np.testing.assert_allclose(ours("dpo", beta=beta, label_smoothing=eps), want.numpy(), rtol=1e-5)
+
+
+def test_ipo_hinge_rpo_against_torch():
+  beta, scale = 0.3, 0.7
+  d = (t(PC) - t(RC)) - (t(PR) - t(RR))
+  np.testing.assert_allclose(ours("ipo", beta=beta), ((d - 1 / (2 * beta)) ** 2).numpy(), rtol=1e-5)
+  np.testing.assert_allclose(ours("hinge", beta=beta), torch.relu(1 - beta * d).numpy(), rtol=1e-5, atol=1e-7)
+  gt = scale * (t(GC) - t(GR))
+  kw = dict(beta=beta, chosen_rewards=GC, rejected_rewards=GR, gt_reward_scale=scale)
+  np.testing.assert_allclose(ours("rpo_sq", **kw), ((beta * d - gt) ** 2).numpy(), rtol=1e-5)
+  p, q = torch.distributions.Bernoulli(torch.sigmoid(beta * d)), torch.distributions.Bernoulli(torch.sigmoid(gt))
+  np.testing.assert_allclose(ours("rpo_bwd_kl", **kw), torch.distributions.kl_divergence(q, p).numpy(),
+                             rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(ours("rpo_fwd_kl", **kw), torch.distributions.kl_divergence(p, q).numpy(),
+                             rtol=1e-4, atol=1e-7)
+
+
+def test_hand_derived_values():
+  zero = np.zeros(1)
+  assert np.allclose(preference_losses(zero, zero, zero, zero)[0], np.log(2))          # -log sigmoid(0)
+  at = np.array([1 / (2 * 0.25)])
+  assert np.allclose(preference_losses(at, zero, zero, zero, loss_type="ipo", beta=0.25)[0], 0)
+  assert np.allclose(preference_losses(np.array([1.0]), zero, zero, zero, loss_type="rpo_bwd_kl", beta=2.0,
+                                       chosen_rewards=np.array([2.0]), rejected_rewards=zero)[0], 0, atol=1e-7)
+  g = jax.grad(lambda c: preference_losses(c, zero, zero, zero, beta=0.5)[0].sum())(zero)
+  assert np.allclose(g, -0.5 * 0.5)  # d/dc -log sigmoid(b c) = -b sigmoid(-b c)
+
+
+def test_rewards_are_unscaled_log_ratios():
+  _, (rc, rr) = preference_losses(PC, PR, RC, RR, beta=0.7)
+  np.testing.assert_allclose(rc, PC - RC)
+  np.testing.assert_allclose(rr, PR - RR)
+
+
+def test_simpo_against_trl_cpo_loss():
+  from trl.experimental.cpo import CPOTrainer
+  avg_c, avg_r = PC / 17, PR / 23
+  stub = types.SimpleNamespace(beta=2.0, simpo_gamma=0.5, label_smoothing=0.1, loss_type="simpo", alpha=0.0,
+                               accelerator=types.SimpleNamespace(device="cpu"))
+  want, _, _ = CPOTrainer.cpo_loss(stub, t(avg_c), t(avg_r))
+  got, _ = preference_losses(avg_c, avg_r, loss_type="simpo", beta=2.0, simpo_gamma=0.5, label_smoothing=0.1)
+  np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-5)
+
+
+def test_orpo_against_trl_odds_ratio_loss():
+  from trl.experimental.orpo import ORPOTrainer
+  avg_c, avg_r = PC / 17, PR / 23
+  stub = types.SimpleNamespace(beta=0.1, accelerator=types.SimpleNamespace(device="cpu"))
+  trl_losses = ORPOTrainer.odds_ratio_loss(stub, t(avg_c), t(avg_r))[0]  # beta * logsigmoid(log_odds)
+  got, _ = preference_losses(avg_c, avg_r, loss_type="orpo", beta=0.1)
+  np.testing.assert_allclose(np.asarray(got), -trl_losses.numpy(), rtol=1e-5)
+
+
+def test_unknown_loss_and_missing_rewards():
+  with pytest.raises(ValueError, match="loss_type='sigmoid'"):
+    preference_losses(PC, PR, RC, RR, loss_type="sigmoid")
+  with pytest.raises(ValueError, match="needs chosen_reward/rejected_reward"):
+    preference_losses(PC, PR, RC, RR, loss_type="rpo_sq")
