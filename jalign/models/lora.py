@@ -2,7 +2,7 @@
 
 - ``disabled(params)``: the same base arrays without adapters (the frozen reference model, no copy).
 - ``merge(params, cfg)``: base weights with ``alpha/rank * A @ B`` folded in, adapters removed.
-- ``split_trainable`` / ``combine``: with LoRA on, only adapters (and a value head, if any) are trained.
+- ``split_trainable``: with LoRA on, only adapters (and a value head, if any) are trained.
 """
 from __future__ import annotations
 
@@ -42,7 +42,3 @@ def trainable_keys(params: dict) -> tuple[str, ...]:
 def split_trainable(params: dict) -> tuple[dict, dict]:
   keys = trainable_keys(params)
   return ({k: v for k, v in params.items() if k in keys}, {k: v for k, v in params.items() if k not in keys})
-
-
-def combine(trainable: dict, frozen: dict) -> dict:
-  return {**frozen, **trainable}
