@@ -41,25 +41,28 @@ def load(path: str) -> LoadedModel:
   import jax
 
   from jalign import convert
-  from jalign.data import load_tokenizer
-  tok_dir = path
   is_hf = os.path.exists(os.path.join(path, "config.json")) and any(
       os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json"))
   if is_hf:
     cfg, params, _ = convert.read_hf_dir(path)
+    tok = _tokenizer_or_none(path)
   elif path.endswith(".nemo") or os.path.exists(os.path.join(path, "model_config.yaml")):
     import tempfile
     cfg, params, tok_files = convert.read_nemo(path)
-    tok_dir = tempfile.mkdtemp(prefix="jalign_tok_")
-    for name, data in tok_files.items():
-      with open(os.path.join(tok_dir, name), "wb") as f:
-        f.write(data)
+    with tempfile.TemporaryDirectory(prefix="jalign_tok_") as tok_dir:  # tokenizers load fully into memory
+      convert.write_files(tok_dir, tok_files)
+      tok = _tokenizer_or_none(tok_dir)
   else:
     from jalign import checkpoint
-    tok_dir = checkpoint.resolve_model_dir(path)
     cfg, params, _ = convert.read_jalign_dir(path)
-  try:
-    tok = load_tokenizer(tok_dir)
-  except Exception:  # weights without tokenizer files are still usable with token ids
-    tok = None
+    tok = _tokenizer_or_none(checkpoint.resolve_model_dir(path))
   return LoadedModel(cfg, jax.tree.map(jax.numpy.asarray, params), tok)
+
+
+def _tokenizer_or_none(directory: str):
+  """The tokenizer in ``directory``; None when it has none (weights are still usable with token ids)."""
+  from jalign.data import TokenizerError, load_tokenizer
+  try:
+    return load_tokenizer(directory)
+  except TokenizerError:
+    return None

@@ -55,8 +55,7 @@ def hf_to_jalign(src: str, dst: str) -> str:
 
 
 def read_nemo(src: str):
-  """(ModelConfig, numpy params, tokenizer files {name: path}) of a .nemo file or extracted directory; the
-  caller must copy tokenizer files before the temporary extraction is removed (use as a context)."""
+  """(ModelConfig, numpy params, tokenizer files {name: bytes}) of a .nemo file or extracted directory."""
   from jalign.convert import nemo
   from jalign.models import ModelConfig
   with nemo.NemoDir(src) as nd:
@@ -74,10 +73,14 @@ def nemo_to_jalign(src: str, dst: str) -> str:
   meta = cfg.to_dict()
   meta["hf_family"] = "mistral" if cfg.sliding_window else "llama"
   checkpoint.save_model(dst, params, meta)
-  for name, data in tok_files.items():
-    with open(os.path.join(dst, name), "wb") as f:
-      f.write(data)
+  write_files(dst, tok_files)
   return dst
+
+
+def write_files(directory: str, files: dict[str, bytes]) -> None:
+  for name, data in files.items():
+    with open(os.path.join(directory, name), "wb") as f:
+      f.write(data)
 
 
 def _jalign_dir_target(path: str):
@@ -102,22 +105,20 @@ def read_jalign_dir(path: str):
   from jalign import checkpoint
   path, cfg, meta, target = _jalign_dir_target(path)
   params = checkpoint.load_params(path, target)
-  return cfg, jax.tree.map(lambda x: jax.device_get(x), params), meta
+  return cfg, jax.device_get(params), meta
 
 
 def jalign_to_hf(src: str, dst: str, family: str | None = None, dtype: str = "float32") -> str:
   """jalign model directory -> HF directory loadable by transformers (and vLLM), one parameter at a time."""
   import jax
+  import jax.numpy as jnp
   import numpy as np
 
   from jalign import checkpoint
   from jalign.convert import hf
   path, cfg, meta, target = _jalign_dir_target(src)
   family = family or meta.get("hf_family") or "llama"
-  np_dtype = {"float32": np.float32, "bfloat16": None, "float16": np.float16}[dtype]
-  if np_dtype is None:
-    import ml_dtypes
-    np_dtype = ml_dtypes.bfloat16
+  np_dtype = jnp.dtype(dtype)  # numpy dtypes, bfloat16 included (ml_dtypes)
 
   def tensors():
     for name, leaf in checkpoint.flatten(target):

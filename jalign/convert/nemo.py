@@ -127,7 +127,7 @@ def _strip(name: str) -> str:
   return name
 
 
-def _merge_tp(shards: list[dict], y: dict) -> dict:
+def _merge_tp(shards: list[dict]) -> dict:
   """Megatron tensor-parallel shards -> full tensors (QKV in whole query groups and embeddings split on dim 0,
   fc1 stored per rank as [gate_shard; up_shard], proj/fc2 split on dim 1, norms replicated)."""
   if len(shards) == 1:
@@ -135,15 +135,12 @@ def _merge_tp(shards: list[dict], y: dict) -> dict:
   out = {}
   for k in shards[0]:
     parts = [s[k] for s in shards]
-    if k.endswith("layer_norm_weight") or "layernorm" in k or k.endswith("_extra_state") or parts[0].ndim == 1 \
-        and not k.endswith("linear_qkv.bias"):
+    if parts[0].ndim == 1 and not k.endswith("linear_qkv.bias"):  # norms and the rm_head bias: replicated
       out[k] = parts[0]
     elif k.endswith("linear_fc1.weight"):
       halves = [np.split(p, 2, axis=0) for p in parts]
       out[k] = np.concatenate([h[0] for h in halves] + [h[1] for h in halves], axis=0)
-    elif k.endswith(("linear_proj.weight", "linear_fc2.weight")):
-      out[k] = np.concatenate(parts, axis=1)
-    elif k == "rm_head.weight":  # a RowParallelLinear: split on its input dim
+    elif k.endswith(("linear_proj.weight", "linear_fc2.weight")) or k == "rm_head.weight":  # row-parallel
       out[k] = np.concatenate(parts, axis=1)
     else:  # linear_qkv weight/bias, word embeddings, output layer
       out[k] = np.concatenate(parts, axis=0)
@@ -170,7 +167,7 @@ def read_legacy(d: str, y: dict) -> dict:
   for pp in pps:
     tps = sorted(t for p, t in ranks if p == pp)
     shards = [{_strip(k): v.float().numpy() for k, v in _torch_load(ranks[(pp, t)]).items()} for t in tps]
-    for k, v in _merge_tp(shards, y).items():
+    for k, v in _merge_tp(shards).items():
       m = re.match(r"decoder\.layers\.(\d+)\.(.*)", k)
       if m:
         k = f"decoder.layers.{int(m.group(1)) + pp * layers_per_stage}.{m.group(2)}"
