@@ -4,8 +4,12 @@
 
 Writes examples/data/{pretrain,sft_train,sft_eval}.jsonl, examples/tiny_model/tokenizer.model and a tiny
 base model (examples/tiny_model/{model_config.json,params/}) pretrained for a few hundred steps on plain-text
-renderings of the task ("12+34=46"), so that SFT has something to build on. Seeded: the data and tokenizer
-are identical on every run.
+renderings of the task ("12+34=46"), so that SFT has something to build on. Then the preference data
+(dpo_*, rm_*, rm_regression_*, kto_*, rewardbench_toy.jsonl: chosen = the right answer, rejected = a plausible
+wrong one; held-out files use the SFT eval questions) and examples/tiny_sft_model, the quickstart's SFT result
+that the DPO and RM quickstarts start from. Seeded: the data and tokenizer are identical on every run.
+
+  python examples/make_default.py --only preference   # just the preference files
 """
 from __future__ import annotations
 
@@ -52,7 +56,7 @@ def make_data(seed=0):
   write_jsonl(os.path.join(DATA, "sft_train.jsonl"), [toy.nemo_chat_row(q, a) for q, a in train_qs])
   write_jsonl(os.path.join(DATA, "sft_eval.jsonl"), [toy.nemo_chat_row(q, a) for q, a in eval_qs])
   write_jsonl(os.path.join(DATA, "pretrain.jsonl"), [{"text": plain(q, a)} for q, a in pretrain_qs])
-  return train_qs
+  return train_qs, eval_qs
 
 
 def make_tokenizer(train_qs):
@@ -86,8 +90,69 @@ def make_base_model():
       (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, dst)
 
 
+def make_preference_data(train_qs, eval_qs, seed=1, n_train=2000):
+  """Pairs for DPO/RM/KTO on the toy task, in NeMo-Aligner's formats (TRL's are tested separately)."""
+  from jalign.data import templates
+  rng = random.Random(seed)
+
+  def prompt(q):
+    return templates.nemo_generation_prompt("", [("User", q)])
+
+  def split(qs, name):
+    triples = [(q, a, toy.wrong_answer(q, rng)) for q, a in qs]
+    write_jsonl(os.path.join(DATA, f"dpo_{name}.jsonl"), [
+        {"prompt": prompt(q), "chosen_response": f"{a}\n<extra_id_1>", "rejected_response": f"{w}\n<extra_id_1>",
+         "chosen_reward": toy.attributes(q, a)["correctness"], "rejected_reward": toy.attributes(q, w)["correctness"]}
+        for q, a, w in triples])
+    write_jsonl(os.path.join(DATA, f"rm_{name}.jsonl"), [
+        {"text": prompt(q) + f"{r}\n<extra_id_1>"} for q, a, w in triples for r in (a, w)])
+    order = ["quality", "toxicity", "humor", "creativity", "helpfulness", "correctness", "coherence",
+             "complexity", "verbosity"]
+    reg = []
+    for q, a, w in triples:
+      r = a if rng.random() < 0.5 else w
+      att = toy.attributes(q, r)
+      reg.append({"text": prompt(q) + f"{r}\n<extra_id_2>", "label": [att.get(k, -100) for k in order]})
+    write_jsonl(os.path.join(DATA, f"rm_regression_{name}.jsonl"), reg)
+    write_jsonl(os.path.join(DATA, f"kto_{name}.jsonl"), [
+        {"prompt": prompt(q), "response": f"{a if good else w}\n<extra_id_1>",
+         "preference": "chosen" if good else "rejected"} for (q, a, w), good in
+        zip(triples, [rng.random() < 0.5 for _ in triples])])
+    return triples
+
+  split(train_qs[:n_train], "train")
+  held = split(eval_qs, "eval")
+  write_jsonl(os.path.join(DATA, "rewardbench_toy.jsonl"), [
+      {"prompt": q, "chosen": a, "rejected": w, "subset": "toy-add" if q.startswith("What") else "toy-reverse",
+       "id": i} for i, (q, a, w) in enumerate(held)])
+
+
+def make_sft_model():
+  """Run the SFT quickstart and keep its exported model as examples/tiny_sft_model."""
+  from jalign import train
+  root = os.path.dirname(HERE)
+  dst = os.path.join(HERE, "tiny_sft_model")
+  with tempfile.TemporaryDirectory() as work:
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+      rc = train.main(["--config", "configs/quickstart.py", "--workdir", work])
+    finally:
+      os.chdir(cwd)
+    if rc:
+      raise SystemExit(f"SFT quickstart failed ({rc})")
+    if os.path.isdir(dst):
+      shutil.rmtree(dst)
+    shutil.copytree(os.path.join(work, "model"), dst)
+
+
 if __name__ == "__main__":
-  train_qs = make_data()
-  make_tokenizer(train_qs)
-  make_base_model()
+  only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
+  train_qs, eval_qs = make_data()
+  if only in (None, "preference"):
+    make_preference_data(train_qs, eval_qs)
+  if only is None:
+    make_tokenizer(train_qs)
+    make_base_model()
+    make_sft_model()
   print("wrote", DATA, "and", MODEL)

@@ -1,6 +1,7 @@
 """Benchmarks that compare jalign with a reference in the same run.
 
   python -m jalign.bench sft [--steps 10] [--rounds 2] [--dtypes float32,bfloat16] [--frameworks jalign,torch,trl]
+  python -m jalign.bench dpo [--steps 10] [--rounds 2] [--frameworks jalign,torch,trl]
 
 ``sft`` trains one tiny Llama architecture (vocab 8192, hidden 256, 4 layers, 8 heads / 4 KV heads, ffn 768) on
 the same token batches (B=8, T=256, from the embedded SFT data) with jalign, with a plain PyTorch loop
@@ -9,6 +10,13 @@ subprocess (so peak RSS is its own) with the same thread count. Each run reports
 timed steps), first step (compile) time, peak RSS and the dense-matmul ceiling (2048^3) it measures itself for
 that framework and dtype; the table shows the best round per framework, tokens/s = B*T / step time and MFU =
 model FLOPs/s over that ceiling.
+
+``dpo`` runs one DPO step (policy and a frozen reference copy, beta 0.1, AdamW) on 8 pairs of 64-token prompts
+with 192-token chosen and rejected responses, same architecture, fp32: jalign, a plain PyTorch loop (one
+concatenated [chosen; rejected] forward for the policy and one under no_grad for the reference) and TRL's
+DPOTrainer on the same token ids, alternating in fresh subprocesses. tokens/s counts chosen + rejected rows. It
+also prints the temporary memory XLA reports (``compiled.memory_analysis()``) for the log-prob computation at
+vocabulary 128256.
 """
 from __future__ import annotations
 
@@ -185,6 +193,170 @@ def run_trl(dtype: str, steps: int) -> dict:
 RUNNERS = {"jalign": run_jalign, "torch": run_torch, "trl": run_trl}
 
 
+# ---------------------------------------------------------------------------------------------- dpo
+
+PROMPT, RESP = 64, 192  # tokens per prompt / per response: chosen and rejected rows are PROMPT + RESP long
+
+
+def _pairs(n: int):
+  """[n, B, PROMPT], [n, B, RESP], [n, B, RESP] token ids cut from the embedded data."""
+  toks = _batches(-(-n * B * (PROMPT + 2 * RESP) // (B * T)) + 1).reshape(-1)
+  k = n * B
+  p = toks[:k * PROMPT].reshape(n, B, PROMPT)
+  c = toks[k * PROMPT:k * (PROMPT + RESP)].reshape(n, B, RESP)
+  r = toks[k * (PROMPT + RESP):k * (PROMPT + 2 * RESP)].reshape(n, B, RESP)
+  return p, c, r
+
+
+def _jalign_dpo_setup(model_cfg, beta=0.1):
+  from jalign import config as config_lib
+  from jalign.algorithms import dpo
+  c = config_lib.base_config()
+  c.algorithm, c.reference = "dpo", "copy"
+  c.dpo.update(loss="dpo", beta=beta)
+  return dpo.make_loss(c, model_cfg)
+
+
+def _dpo_batch(p, c, r):
+  """[B, 2, PROMPT+RESP] jalign pair batch."""
+  import jax.numpy as jnp
+  tokens = np.stack([np.concatenate([p, c], -1), np.concatenate([p, r], -1)], 1)
+  mask = np.zeros(tokens.shape, bool)
+  mask[..., PROMPT:] = True
+  return {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask),
+          "segment_ids": jnp.ones(tokens.shape, jnp.int32), "chosen_reward": jnp.ones(B),
+          "rejected_reward": jnp.zeros(B)}
+
+
+def run_jalign_dpo(dtype: str, steps: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from jalign import config as config_lib
+  from jalign import trainer
+  from jalign.models import ModelConfig, init_params
+  cfg = ModelConfig(**ARCH, dtype=dtype, scan_unroll=ARCH["num_layers"])
+  optimizer, schedule = trainer.make_optimizer(config_lib.base_config().optim, 1000, 1.0)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  ref = jax.tree.map(jnp.copy, params)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": {"reference": ref},
+           "opt_state": optimizer.init(params), "rng": jax.random.PRNGKey(1)}
+  step = jax.jit(trainer.make_train_step(_jalign_dpo_setup(cfg), optimizer, schedule, 1), donate_argnums=(0,))
+  p, c, r = _pairs(steps + 1)
+  times, losses = [], []
+  for i in range(steps + 1):
+    b = _dpo_batch(p[i], c[i], r[i])
+    t0 = time.perf_counter()
+    state, m = step(state, b)
+    losses.append(float(m["loss"]))
+    times.append(time.perf_counter() - t0)
+  return {"first_step_s": times[0], "step_s": statistics.median(times[1:]), "loss_last": losses[-1],
+          "peak_rss_mb": _rss_mb()}
+
+
+def run_torch_dpo(dtype: str, steps: int) -> dict:
+  import copy
+
+  import torch
+  import torch.nn.functional as F
+  model = _torch_model(dtype).train()
+  ref = copy.deepcopy(model).eval().requires_grad_(False)
+  opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
+  p, c, r = (torch.from_numpy(x).long() for x in _pairs(steps + 1))
+  beta = 0.1
+
+  def logps(m, ids):
+    logits = m(ids).logits[:, PROMPT - 1:-1].float()
+    return torch.gather(F.log_softmax(logits, -1), 2, ids[:, PROMPT:, None])[..., 0].sum(-1)
+
+  times, losses = [], []
+  for i in range(steps + 1):
+    t0 = time.perf_counter()
+    ids = torch.cat([torch.cat([p[i], c[i]], 1), torch.cat([p[i], r[i]], 1)])  # [chosen; rejected]
+    with torch.no_grad():
+      ref_c, ref_r = logps(ref, ids).chunk(2)
+    pol_c, pol_r = logps(model, ids).chunk(2)
+    loss = -F.logsigmoid(beta * ((pol_c - ref_c) - (pol_r - ref_r))).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    losses.append(loss.item())
+    times.append(time.perf_counter() - t0)
+  return {"first_step_s": times[0], "step_s": statistics.median(times[1:]), "loss_last": losses[-1],
+          "peak_rss_mb": _rss_mb()}
+
+
+def run_trl_dpo(dtype: str, steps: int) -> dict:
+  """TRL's DPOTrainer on the same token ids (a word-level tokenizer maps "t<id>" to id)."""
+  import copy
+
+  import datasets
+  import transformers
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from trl import DPOConfig, DPOTrainer
+  model = _torch_model(dtype)
+  ref = copy.deepcopy(model)
+  vocab = {f"t{i}": i for i in range(ARCH["vocab_size"])}
+  wl = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+  wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  eos = ARCH["vocab_size"] - 1  # never in the data: TRL appends it to each response (one extra token)
+  tok = transformers.PreTrainedTokenizerFast(tokenizer_object=wl, pad_token="t0", eos_token=f"t{eos}")
+  p, c, r = _pairs(steps + 1)
+  words = lambda ids: " ".join(f"t{int(i)}" for i in ids)
+  ds = datasets.Dataset.from_dict({"prompt": [words(x) for x in p.reshape(-1, PROMPT)],
+                                   "chosen": [" " + words(x[:-1]) for x in c.reshape(-1, RESP)],
+                                   "rejected": [" " + words(x[:-1]) for x in r.reshape(-1, RESP)]})
+  times = []
+
+  class Timer(transformers.TrainerCallback):
+    def on_step_begin(self, args, state, control, **kw):
+      self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+      times.append(time.perf_counter() - self.t0)
+
+  with tempfile.TemporaryDirectory() as out:
+    args = DPOConfig(output_dir=out, beta=0.1, per_device_train_batch_size=B, max_steps=steps + 1,
+                     learning_rate=3e-4, adam_beta2=0.98, weight_decay=0.01, max_grad_norm=1.0,
+                     lr_scheduler_type="constant", logging_steps=1000, save_strategy="no", report_to=[],
+                     use_cpu=True, bf16=dtype == "bfloat16", max_length=None, gradient_checkpointing=False,
+                     dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok,
+                         callbacks=[Timer()])
+    trainer.train()
+  return {"first_step_s": times[0], "step_s": statistics.median(times[1:]), "loss_last": float("nan"),
+          "peak_rss_mb": _rss_mb()}
+
+
+DPO_RUNNERS = {"jalign": run_jalign_dpo, "torch": run_torch_dpo, "trl": run_trl_dpo}
+
+
+def logprob_memory(vocab: int = 128256, hidden: int = 2048, rows: int = 16, length: int = PROMPT + RESP) -> dict:
+  """Peak temporary memory XLA reports for the summed response log-probs of ``rows`` sequences (forward and
+  gradient w.r.t. the hidden states and the output matrix), at a Llama-3-size vocabulary."""
+  import jax
+  import jax.numpy as jnp
+
+  from jalign.models import transformer
+
+  def f(h, w, tokens, mask):
+    logits = jnp.einsum("btd,dv->btv", h, w)
+    lp = transformer.token_logprobs(logits, tokens)
+    return jnp.sum(jnp.where(mask[:, 1:], lp, 0.0))
+
+  args = (jax.ShapeDtypeStruct((rows, length, hidden), jnp.float32),
+          jax.ShapeDtypeStruct((hidden, vocab), jnp.float32),
+          jax.ShapeDtypeStruct((rows, length), jnp.int32), jax.ShapeDtypeStruct((rows, length), bool))
+  out = {}
+  for name, fn in (("forward", f), ("forward+backward", jax.grad(f, argnums=(0, 1)))):
+    ma = jax.jit(fn).lower(*args).compile().memory_analysis()
+    out[name] = {"temp_mb": ma.temp_size_in_bytes / 2**20, "argument_mb": ma.argument_size_in_bytes / 2**20,
+                 "output_mb": ma.output_size_in_bytes / 2**20}
+  out["logits_mb"] = rows * length * vocab * 4 / 2**20
+  return out
+
+
 # ---------------------------------------------------------------------------------------------- convert
 
 CONVERT_ARCH = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -244,15 +416,15 @@ def bench_convert(workdir: str) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- driver
 
-def _child(framework, dtype, steps, threads):
+def _child(framework, dtype, steps, threads, table="RUNNERS"):
   env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore",
              TOKENIZERS_PARALLELISM="false", JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   env.pop("XLA_FLAGS", None)
   code = (f"import json, torch; torch.set_num_threads({threads}); from jalign import bench; "
-          f"print('RESULT', json.dumps(bench.RUNNERS[{framework!r}]({dtype!r}, {steps})))"
+          f"print('RESULT', json.dumps(bench.{table}[{framework!r}]({dtype!r}, {steps})))"
           if framework != "jalign" else
           f"import json; from jalign import bench; "
-          f"print('RESULT', json.dumps(bench.RUNNERS[{framework!r}]({dtype!r}, {steps})))")
+          f"print('RESULT', json.dumps(bench.{table}[{framework!r}]({dtype!r}, {steps})))")
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
   for line in r.stdout.splitlines():
     if line.startswith("RESULT "):
@@ -282,6 +454,34 @@ def bench_sft(steps: int, rounds: int, dtypes, frameworks, threads: int) -> list
   return rows
 
 
+def bench_dpo(steps: int, rounds: int, frameworks, threads: int) -> list[dict]:
+  results = {}
+  for r in range(rounds):
+    for fw in frameworks:
+      res = _child(fw, "float32", steps, threads, table="DPO_RUNNERS")
+      results.setdefault(fw, []).append(res)
+      print(f"  round {r + 1}: {fw:7s} step {res['step_s'] * 1e3:7.1f} ms", file=sys.stderr, flush=True)
+  rows = []
+  tokens = B * 2 * (PROMPT + RESP)
+  for fw, rs in results.items():
+    step = min(x["step_s"] for x in rs)
+    rows.append({"framework": fw, "steps_per_sec": 1 / step, "tokens_per_sec": tokens / step, "step_ms": step * 1e3,
+                 "first_step_s": min(x["first_step_s"] for x in rs),
+                 "peak_rss_mb": max(x["peak_rss_mb"] for x in rs)})
+  return rows
+
+
+def print_dpo_table(rows, anchor="torch"):
+  ref = next((x for x in rows if x["framework"] == anchor), None)
+  print(f"| framework | steps/s | tokens/s (chosen + rejected) | step (ms) | first step (s) | peak RSS (MB) "
+        f"| vs {anchor} |")
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    ratio = f"{r['tokens_per_sec'] / ref['tokens_per_sec']:.2f}x" if ref else "-"
+    print(f"| {r['framework']} | {r['steps_per_sec']:.2f} | {r['tokens_per_sec']:.0f} | {r['step_ms']:.0f} | "
+          f"{r['first_step_s']:.2f} | {r['peak_rss_mb']:.0f} | {ratio} |")
+
+
 def print_table(rows, anchor="torch"):
   print(f"| framework | dtype | tokens/s | step (ms) | first step (s) | peak RSS (MB) | matmul ceiling (GFLOP/s) "
         f"| MFU | vs {anchor} |")
@@ -296,7 +496,7 @@ def print_table(rows, anchor="torch"):
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m jalign.bench", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("which", choices=["sft", "convert"])
+  p.add_argument("which", choices=["sft", "dpo", "convert"])
   p.add_argument("--steps", type=int, default=10, help="timed steps per run (after one compile step)")
   p.add_argument("--rounds", type=int, default=3, help="alternating rounds per framework; the best is reported")
   p.add_argument("--dtypes", default="float32,bfloat16")
@@ -314,6 +514,21 @@ def main(argv=None):
     for r in rows:
       print(f"| {r['step']} | {r['params'] / 1e9:.2f}B | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
             f"{r['model_fp32_mb']:.0f} | {r['source_mb']:.0f} | {r['largest_jalign_tensor_mb']:.0f} |")
+    return
+  if a.which == "dpo":
+    print(f"jalign.bench dpo: {B} pairs of {PROMPT}-token prompts + {RESP}-token responses, arch={ARCH}, fp32, "
+          f"threads={a.threads} steps={a.steps} rounds={a.rounds}", file=sys.stderr)
+    rows = bench_dpo(a.steps, a.rounds, a.frameworks.split(","), a.threads)
+    print_dpo_table(rows)
+    mem = logprob_memory()
+    print(f"\nlog-prob computation at vocab 128256, hidden 2048, 16 rows x {PROMPT + RESP} tokens (fp32 logits "
+          f"{mem['logits_mb']:.0f} MB), XLA memory_analysis:")
+    for k in ("forward", "forward+backward"):
+      print(f"  {k}: temp {mem[k]['temp_mb']:.0f} MB, arguments {mem[k]['argument_mb']:.0f} MB, "
+            f"outputs {mem[k]['output_mb']:.0f} MB")
+    if a.json:
+      with open(a.json, "w") as f:
+        json.dump({"rows": rows, "logprob_memory": mem}, f, indent=2)
     return
   print(f"jalign.bench sft: B={B} T={T} arch={ARCH} threads={a.threads} steps={a.steps} rounds={a.rounds}",
         file=sys.stderr)

@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
       param_dtype="float32", dtype="float32", remat="none", scan_unroll=1,
       attention="xla", num_value_heads=0,
       checkpoint="",  # initialise weights from a jalign model dir or a run's checkpoint dir
+      reference_checkpoint="",  # DPO/KTO reference weights (reference=copy|precomputed); default: the start
   ))
   c.model.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets=("q", "v")))
 
@@ -62,6 +63,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-4, min_lr=0.0, warmup_steps=0, schedule="cosine",  # cosine | linear | constant
       b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01,
+  ))
+
+  # Preference learning (algorithm=rm | dpo | kto); defaults follow NeMo-Aligner.
+  c.reference = "auto"  # auto | copy | lora_off | precomputed: where the DPO/KTO reference log-probs come from
+  c.dpo = ml_collections.ConfigDict(dict(
+      loss="dpo",  # dpo | ipo | rpo_sq | rpo_bwd_kl | rpo_fwd_kl | hinge | simpo | orpo
+      beta=0.2, label_smoothing=0.0, gt_reward_scale=1.0, simpo_gamma=0.5,
+      preference_loss_weight=1.0, sft_loss_weight=0.0,
+      preference_average_log_probs=False, sft_average_log_probs=False,
+  ))
+  c.kto = ml_collections.ConfigDict(dict(beta=0.2, desirable_weight=1.0, undesirable_weight=1.0))
+  c.rm = ml_collections.ConfigDict(dict(
+      loss="bradley_terry",  # bradley_terry | regression | regular_bt | margin_bt | scaled_bt
+      num_attributes=1, reward_index=0, center_coef=0.0, label_range=(0.0, 4.0),
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=sharding.DEFAULT_RULES))
@@ -206,8 +221,10 @@ def _merge(dst, src):
 
 def validate(cfg):
   t, d, o = cfg.train, cfg.data, cfg.optim
-  if cfg.algorithm not in ("sft",):
-    raise ConfigError(f"algorithm={cfg.algorithm!r}: available: sft")
+  algos = ("sft", "rm", "dpo", "kto")
+  if cfg.algorithm not in algos:
+    raise ConfigError(f"algorithm={cfg.algorithm!r}: available: {', '.join(algos)}")
+  _validate_preference(cfg)
   if t.max_steps <= 0:
     raise ConfigError(f"train.max_steps must be > 0, got {t.max_steps}")
   if t.global_batch_size <= 0:
@@ -223,6 +240,32 @@ def validate(cfg):
     raise ConfigError(f"tokenizer.chat_template={cfg.tokenizer.chat_template!r}: choose nemo or hf")
   if d.max_seq_len < 2:
     raise ConfigError(f"data.max_seq_len must be >= 2, got {d.max_seq_len}")
+
+
+def _validate_preference(cfg):
+  from jalign.algorithms import common, dpo, rm
+  if cfg.algorithm == "sft":
+    return
+  if cfg.data.packing:
+    raise ConfigError(f"data.packing is for SFT; algorithm={cfg.algorithm} pads each sequence")
+  if cfg.reference not in common.REFERENCE_MODES:
+    raise ConfigError(f"reference={cfg.reference!r}: choose from {', '.join(common.REFERENCE_MODES)}")
+  if cfg.reference == "lora_off" and not cfg.model.lora.rank:
+    raise ConfigError("reference='lora_off' needs LoRA (model.lora.rank > 0)")
+  if cfg.model.reference_checkpoint and cfg.reference not in ("copy", "precomputed"):
+    raise ConfigError("model.reference_checkpoint needs reference=copy or reference=precomputed")
+  if cfg.algorithm == "dpo" and cfg.dpo.loss not in dpo.LOSS_TYPES:
+    raise ConfigError(f"dpo.loss={cfg.dpo.loss!r}: choose from {', '.join(dpo.LOSS_TYPES)}")
+  if cfg.algorithm in ("dpo", "kto") and (cfg.dpo.beta <= 0 or cfg.kto.beta <= 0):
+    raise ConfigError("dpo.beta and kto.beta must be > 0")
+  r = cfg.rm
+  if cfg.algorithm == "rm":
+    if r.loss not in rm.LOSSES:
+      raise ConfigError(f"rm.loss={r.loss!r}: choose from {', '.join(rm.LOSSES)}")
+    if r.num_attributes < 1 or not 0 <= r.reward_index < r.num_attributes:
+      raise ConfigError(f"rm.reward_index={r.reward_index} must be in [0, rm.num_attributes={r.num_attributes})")
+    if len(r.label_range) != 2 or r.label_range[0] > r.label_range[1]:
+      raise ConfigError(f"rm.label_range={r.label_range!r}: expected (low, high)")
 
 
 def to_json(cfg) -> str:

@@ -5,6 +5,7 @@ shared loop. Re-running the same command resumes from the newest complete checkp
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -80,6 +81,7 @@ def run(cfg, workdir: str, on_step=None) -> dict:
   import numpy as np
 
   from jalign import algorithms, checkpoint, data, sharding, trainer
+  from jalign.algorithms import common
   from jalign.metrics import MetricWriter, Progress
   from jalign.models import init_params, lora, param_axes, param_shapes, transformer
 
@@ -92,29 +94,27 @@ def run(cfg, workdir: str, on_step=None) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
 
+  algo = algorithms.get(cfg.algorithm)
   model_cfg = model_config_for(cfg)
+  if hasattr(algo, "model_overrides"):
+    model_cfg = dataclasses.replace(model_cfg, **algo.model_overrides(cfg))
   tok_path = cfg.tokenizer.path or (checkpoint.resolve_model_dir(cfg.model.checkpoint) if cfg.model.checkpoint
                                     else "")
   tok = data.load_tokenizer(tok_path)
   if tok.vocab_size > model_cfg.vocab_size:
     raise config_lib.ConfigError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size="
                                  f"{model_cfg.vocab_size}")
-  algo = algorithms.get(cfg.algorithm)
 
   # ---- data
   if not cfg.data.train_path:
     raise config_lib.ConfigError("data.train_path is empty")
-  train_ex, skipped = data.load_sft_examples(cfg.data.train_path, tok, cfg.data, cfg.tokenizer.chat_template)
-  eval_ex = []
+  rows, n_train, skipped, _ = algo.load_data(cfg.data.train_path, tok, cfg)
+  eval_rows, eval_ex, n_eval = None, [], 0
   if cfg.data.eval_path:
-    eval_ex, eval_skipped = data.load_sft_examples(cfg.data.eval_path, tok, cfg.data, cfg.tokenizer.chat_template)
+    eval_rows, n_eval, eval_skipped, eval_ex = algo.load_data(cfg.data.eval_path, tok, cfg)
     skipped += eval_skipped
   T = cfg.data.max_seq_len
-  rows = data.build_rows(train_ex, T, tok.pad_id, cfg.data.packing)
   gb = cfg.train.global_batch_size
-  train_ds = data.train_dataset(rows, global_batch=gb, seed=cfg.seed, shuffle=cfg.data.shuffle,
-                                process_index=pid, process_count=nproc)
-  data_iter = iter(train_ds)
 
   # ---- mesh, shardings
   mesh = sharding.make_mesh(cfg.mesh)
@@ -125,20 +125,30 @@ def run(cfg, workdir: str, on_step=None) -> dict:
     raise config_lib.ConfigError(f"train.global_batch_size={gb} must be a multiple of train.micro_batch_size="
                                  f"{mbs} x data-parallel size {dp}")
   n_micro = gb // (mbs * dp)
-  batch_sh = {k: sharding.named_sharding(ax, rules, mesh, (gb, T)) for k, ax in algo.BATCH_AXES.items()}
+  batch_axes = algo.batch_axes(cfg)
+  ref_mode = reference_mode(cfg)
+  row_shapes = {k: rows[k].shape[1:] for k in batch_axes if k != "ref_logps"}
+  row_shapes.setdefault("ref_logps", (2,))
+  batch_sh = {k: sharding.named_sharding(ax, rules, mesh, (gb,) + row_shapes[k]) for k, ax in batch_axes.items()}
 
   axes = param_axes(model_cfg)
   shapes = param_shapes(model_cfg)
-  trainable_keys = lora.trainable_keys(shapes)
+  frozen_keys = getattr(algo, "FROZEN", ())
+  trainable_keys = [k for k in lora.trainable_keys(shapes) if k not in frozen_keys]
+  base_keys = [k for k in shapes if k != "lora"]
+  if ref_mode == "copy":
+    axes = {**axes, "reference": {k: axes[k] for k in base_keys}}
   optimizer, schedule = trainer.make_optimizer(cfg.optim, cfg.train.max_steps, cfg.train.grad_clip)
 
-  def init_state(rng, base=None):
+  def init_state(rng, base=None, ref_base=None):
     p_rng, s_rng = jax.random.split(rng)
     params = init_params(model_cfg, p_rng)
     if base is not None:
       params.update(base)
     tr = {k: v for k, v in params.items() if k in trainable_keys}
     fr = {k: v for k, v in params.items() if k not in trainable_keys}
+    if ref_mode == "copy":  # a frozen copy of the starting (or given) weights, never updated
+      fr["reference"] = jax.tree.map(jnp.copy, {k: params[k] for k in base_keys} if ref_base is None else ref_base)
     return {"step": jnp.zeros((), jnp.int32), "params": tr, "frozen": fr, "opt_state": optimizer.init(tr),
             "rng": s_rng}
 
@@ -150,30 +160,54 @@ def run(cfg, workdir: str, on_step=None) -> dict:
                                  cfg.checkpoint.async_save)
   start_step = ckpt.latest_step() or 0
   rng = jax.random.PRNGKey(cfg.seed)
+  traced = functools.partial(sharding.bind, mesh=mesh, rules=rules)
+
+  base_abs = {k: jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                              shapes[k], param_sh[k]) for k in base_keys}
+
+  def initial_state():
+    base = checkpoint.load_params(cfg.model.checkpoint, base_abs) if cfg.model.checkpoint else None
+    ref = None
+    if cfg.model.reference_checkpoint and ref_mode == "copy":
+      ref = checkpoint.load_params(cfg.model.reference_checkpoint, base_abs, optional=("value_head", "lm_head"))
+    return jax.jit(init_state, out_shardings=state_sh)(rng, base, ref)
+
+  state = None
+  if ref_mode == "precomputed":
+    state = initial_state()
+    ref_params = lora.disabled(policy_params(full_params(state)))
+    if cfg.model.reference_checkpoint:
+      ref_params = {**ref_params, **checkpoint.load_params(cfg.model.reference_checkpoint,
+                                                           {k: base_abs[k] for k in ref_params})}
+    ref_fn = jax.jit(traced(lambda p, b: common.pair_logps(p, b, model_cfg)[0]),
+                     in_shardings=({k: param_sh[k] for k in ref_params}, {k: batch_sh[k] for k in PAIR_KEYS}),
+                     out_shardings=sharding.replicated(mesh))
+    cache = os.path.join(workdir, "reference_logps.npz")
+    named = {"train": rows, **({"eval": eval_rows} if eval_rows is not None else {})}
+    for name, r in reference_cache(cache, named, f"{cfg.model.checkpoint}|{cfg.model.reference_checkpoint}|seed={cfg.seed}", main_proc,
+                                   lambda r: precompute_logps(ref_fn, ref_params, r, gb, batch_sh, tok.pad_id,
+                                                              pid, nproc)).items():
+      named[name]["ref_logps"] = r
+
+  train_ds = data.train_dataset(rows, global_batch=gb, seed=cfg.seed, shuffle=cfg.data.shuffle,
+                                process_index=pid, process_count=nproc)
+  data_iter = iter(train_ds)
   if start_step:
     state, data_state = ckpt.restore(start_step, trainer.abstract_with_shardings(abstract, state_sh))
     data_iter.set_state(data_state)
     log.info("resumed from %s/checkpoints/%d", workdir, start_step)
-  elif cfg.model.checkpoint:
-    base_keys = [k for k in shapes if k != "lora"]
-    base_abs = {k: jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                shapes[k], param_sh[k]) for k in base_keys}
-    base = checkpoint.load_params(cfg.model.checkpoint, base_abs)
-    state = jax.jit(init_state, out_shardings=state_sh)(rng, base)
-  else:
-    state = jax.jit(init_state, out_shardings=state_sh)(rng)
+  elif state is None:
+    state = initial_state()
 
   # ---- steps
-  loss_fn = functools.partial(_bind_loss, algo.loss_fn, model_cfg)
-
-  traced = functools.partial(sharding.bind, mesh=mesh, rules=rules)
-  train_step = jax.jit(traced(trainer.make_train_step(loss_fn, optimizer, schedule, n_micro)),
+  loss_fn = algo.make_loss(cfg, model_cfg)
+  finalize = getattr(algo, "finalize", None)
+  train_step = jax.jit(traced(trainer.make_train_step(loss_fn, optimizer, schedule, n_micro, finalize)),
                        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
                        donate_argnums=(0,))
   eval_step = jax.jit(traced(trainer.make_eval_step(loss_fn)),
                       in_shardings=(state_sh["params"], state_sh["frozen"], batch_sh),
                       out_shardings=sharding.replicated(mesh))
-  eval_rows = data.build_rows(eval_ex, T, tok.pad_id, cfg.data.packing) if eval_ex else None
 
   def eval_fn(st):
     tot_w, tot = 0.0, {}
@@ -183,18 +217,18 @@ def run(cfg, workdir: str, on_step=None) -> dict:
       tot_w += float(w)
       for k, v in m.items():
         tot[k] = tot.get(k, 0.0) + float(v)
-    return {f"val_{k}": v / max(tot_w, 1.0) for k, v in tot.items()}
+    avg = {k: v / max(tot_w, 1.0) for k, v in tot.items()}
+    if finalize is not None:
+      avg = {k: float(v) for k, v in finalize(avg).items()}
+    return {f"val_{k}": v for k, v in avg.items()}
 
   writer = MetricWriter(workdir, enabled=main_proc, resume_step=start_step)
   progress = Progress(cfg.train.max_steps, start_step, enabled=main_proc, every=cfg.train.log_every)
   n_params = transformer.count_params(shapes)
   progress.message(f"jalign: {cfg.algorithm} | model {n_params / 1e6:.2f}M params | mesh "
-                   f"{dict(mesh.shape)} | {jax.process_count()} process(es) | {len(train_ex)} train rows "
-                   f"-> {len(rows['tokens'])} sequences of {T} | {len(eval_ex)} eval rows | skipped {skipped} "
+                   f"{dict(mesh.shape)} | {jax.process_count()} process(es) | {n_train} train rows "
+                   f"-> {len(rows['tokens'])} rows of {rows['tokens'].shape[1:]} | {n_eval} eval rows | skipped {skipped} "
                    f"invalid | steps {start_step}->{cfg.train.max_steps}")
-
-  def full_params(st):
-    return {**st["frozen"], **st["params"]}
 
   summary = {"workdir": workdir, "skipped_rows": skipped, "start_step": start_step}
   if eval_rows is not None and start_step == 0 and cfg.eval.every_steps:
@@ -203,7 +237,7 @@ def run(cfg, workdir: str, on_step=None) -> dict:
     progress.message("step 0: " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
     summary["initial_eval"] = ev
   if start_step == 0:
-    summary["samples_before"] = show_samples("before training", full_params(state), model_cfg, tok, eval_ex,
+    summary["samples_before"] = show_samples("before training", policy_params(full_params(state)), model_cfg, tok, eval_ex,
                                              cfg, progress)
   peak = peak_flops_per_device(cfg, jax.devices()[0]) * jax.device_count()
   t_start = time.time()
@@ -213,16 +247,16 @@ def run(cfg, workdir: str, on_step=None) -> dict:
         state=state, train_step=train_step, eval_fn=eval_fn if eval_rows is not None else None,
         data_iter=data_iter, batch_shardings=batch_sh, max_steps=cfg.train.max_steps, start_step=start_step,
         checkpointer=ckpt, ckpt_every=cfg.checkpoint.every_steps, eval_every=cfg.eval.every_steps,
-        writer=writer, progress=progress, global_batch=gb, seq_len=T,
+        writer=writer, progress=progress, global_batch=gb, seq_len=int(np.prod(rows["tokens"].shape[1:])),
         flops_per_token=transformer.flops_per_token(model_cfg, T), peak_flops=peak,
         on_step=on_step)
   progress.close()
   ckpt.close()
   summary.update(final_step=step, reason=reason, train_seconds=time.time() - t_start)
   if reason == "done":
-    summary["samples_after"] = show_samples("after training", full_params(state), model_cfg, tok, eval_ex, cfg,
+    summary["samples_after"] = show_samples("after training", policy_params(full_params(state)), model_cfg, tok, eval_ex, cfg,
                                             progress)
-    export = lora.merge(full_params(state), model_cfg)
+    export = lora.merge(policy_params(full_params(state)), model_cfg)
     export_cfg = model_cfg.to_dict()
     export_cfg.update(lora_rank=0)
     checkpoint.save_model(os.path.join(workdir, "model"), export, export_cfg, tok.files())
@@ -239,8 +273,66 @@ def run(cfg, workdir: str, on_step=None) -> dict:
   return summary
 
 
-def _bind_loss(loss_fn, model_cfg, params, batch, rng):
-  return loss_fn(params, batch, model_cfg, rng)
+def full_params(st):
+  return {**st["frozen"], **st["params"]}
+
+
+def policy_params(params):
+  return {k: v for k, v in params.items() if k != "reference"}
+
+
+def reference_mode(cfg) -> str:
+  """Where the reference log-probs come from, or "none" (SFT, RM, reference-free DPO losses)."""
+  from jalign.algorithms import common, dpo
+  if cfg.algorithm == "kto" or (cfg.algorithm == "dpo" and cfg.dpo.loss not in dpo.REFERENCE_FREE):
+    return common.reference_mode(cfg)
+  return "none"
+
+
+PAIR_KEYS = ("tokens", "loss_mask", "segment_ids")
+
+
+def precompute_logps(ref_fn, ref_params, rows, gb, batch_sh, pad_id, pid, nproc):
+  """[N, 2] summed reference log-probs of every row, one global batch at a time."""
+  import jax
+  import numpy as np
+  from jalign import data, trainer
+  n = len(rows["tokens"])
+  out = np.zeros((n, 2), np.float32)
+  sub = {k: rows[k] for k in PAIR_KEYS}
+  local = gb // nproc
+  for b, batch in enumerate(data.eval_batches(sub, global_batch=gb, pad_id=pad_id, process_index=pid,
+                                              process_count=nproc)):
+    vals = np.asarray(jax.device_get(ref_fn(ref_params, trainer.to_global(batch, batch_sh))))
+    idx = np.concatenate([b * gb + p + nproc * np.arange(local) for p in range(nproc)])
+    keep = idx < n
+    out[idx[keep]] = vals[keep]
+  return out
+
+
+def reference_cache(path, named_rows, source, write, compute):
+  """Reference log-probs per split, reused from ``path`` when the data and starting weights are unchanged."""
+  import hashlib
+  import numpy as np
+  out, cached = {}, {}
+  if os.path.exists(path):
+    with np.load(path) as f:
+      cached = {k: f[k] for k in f.files}
+  for name, rows in named_rows.items():
+    h = hashlib.sha256(source.encode())
+    for k in PAIR_KEYS:
+      h.update(np.ascontiguousarray(rows[k]).tobytes())
+    digest = np.frombuffer(h.digest(), np.uint8)
+    if name in cached and np.array_equal(cached.get(name + "_hash"), digest):
+      out[name] = cached[name]
+    else:
+      out[name] = compute(rows)
+      cached[name], cached[name + "_hash"] = out[name], digest
+  if write:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **cached)
+    os.replace(tmp, path)
+  return out
 
 
 def main(argv=None) -> int:

@@ -69,8 +69,9 @@ def _split_micro(batch, n_micro):
   return jax.tree.map(f, batch)
 
 
-def make_train_step(loss_fn, optimizer, schedule, n_micro: int):
-  """loss_fn(full_params, batch, rng) -> (loss_sum, weight, metric_sums)."""
+def make_train_step(loss_fn, optimizer, schedule, n_micro: int, finalize=None):
+  """loss_fn(full_params, batch, rng) -> (loss_sum, weight, metric_sums); ``finalize`` turns the averaged metric
+  sums into the logged metrics (e.g. a std from a mean of squares)."""
 
   def grads_of(params, frozen, batch, rng):
     def f(p):
@@ -102,6 +103,8 @@ def make_train_step(loss_fn, optimizer, schedule, n_micro: int):
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                  "frozen": frozen, "opt_state": opt_state, "rng": rng}
     metrics = {k: v / denom for k, v in msums.items()}
+    if finalize is not None:
+      metrics = finalize(metrics)
     metrics.update(grad_norm=grad_norm, lr=schedule(state["step"]), weight=weight)
     return new_state, metrics
 

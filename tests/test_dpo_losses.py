@@ -90,3 +90,68 @@ def test_unknown_loss_and_missing_rewards():
     preference_losses(PC, PR, RC, RR, loss_type="sigmoid")
   with pytest.raises(ValueError, match="needs chosen_reward/rejected_reward"):
     preference_losses(PC, PR, RC, RR, loss_type="rpo_sq")
+
+
+def test_kto_against_torch():
+  """TRL's KTO loss (v0.28 ``kto_loss``: clamped, detached mean KL log-ratio as reference point) in torch."""
+  from jalign.algorithms.kto import kto_losses
+  rho, rho_kl = PC - RC, PR - RR
+  good = RNG.rand(16) < 0.5
+  beta, wd, wu = 0.3, 1.0, 1.33
+  z = t(rho_kl).mean().clamp(min=0)
+  lc = wd * (1 - torch.sigmoid(beta * (t(rho[good]) - z)))
+  lr = wu * (1 - torch.sigmoid(beta * (z - t(rho[~good]))))
+  want = torch.cat([lc, lr]).mean()
+  got, got_z = kto_losses(rho, rho_kl, good, np.ones(16, bool), beta=beta, desirable_weight=wd,
+                          undesirable_weight=wu)
+  np.testing.assert_allclose(float(np.mean(got)), float(want), rtol=1e-6)
+  np.testing.assert_allclose(float(got_z), float(z), rtol=1e-6)
+  _, z0 = kto_losses(rho - 100, rho_kl - 100, good, np.ones(16, bool))  # negative mean KL -> z = 0
+  assert float(z0) == 0.0
+  # padding rows do not move the reference point
+  _, zp = kto_losses(np.r_[rho, 0.0], np.r_[rho_kl, 1e6], np.r_[good, True], np.r_[np.ones(16, bool), False],
+                     beta=beta)
+  np.testing.assert_allclose(float(zp), float(z), rtol=1e-6)
+
+
+def test_pair_forward_matches_separate_forwards():
+  """The interleaved [B, 2, T] forward gives the same response log-probs as running chosen and rejected rows
+  separately, and the DPO loss_fn equals preference_losses on those values."""
+  import jax.numpy as jnp
+
+  from jalign import config as config_lib
+  from jalign.algorithms import common, dpo
+  from jalign.models import ModelConfig, init_params, transformer
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_size=64)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  ref = jax.tree.map(lambda x: x * 0.9, params)
+  rng = np.random.RandomState(1)
+  B, T = 3, 12
+  tokens = rng.randint(0, 64, (B, 2, T)).astype(np.int32)
+  lengths = np.array([[12, 9], [7, 11], [10, 10]])
+  seg = (np.arange(T) < lengths[..., None]).astype(np.int32)
+  mask = (np.arange(T) >= 4) & (seg > 0)
+  batch = {"tokens": tokens, "loss_mask": mask, "segment_ids": seg, "chosen_reward": np.ones(B),
+           "rejected_reward": np.zeros(B)}
+
+  fwd = jax.jit(lambda p, x: transformer.token_logprobs(transformer.forward(p, x, cfg), x))
+
+  def separate(p, j):
+    out = []
+    for i in range(B):
+      n = lengths[i, j]
+      lp = np.asarray(fwd(p, jnp.asarray(tokens[i, j, :n][None])))[0]
+      out.append(lp[3:].sum())  # targets at positions 4..n-1
+    return np.array(out)
+
+  got, n = common.pair_logps(params, batch, cfg)
+  np.testing.assert_allclose(np.asarray(got), np.stack([separate(params, 0), separate(params, 1)], 1), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(n), lengths - 4)
+  c = config_lib.base_config()
+  c.algorithm, c.reference = "dpo", "copy"
+  loss_sum, weight, m = dpo.make_loss(c, cfg)({**params, "reference": ref}, batch, None)
+  want, _ = preference_losses(separate(params, 0), separate(params, 1), separate(ref, 0), separate(ref, 1),
+                              beta=c.dpo.beta)
+  assert float(weight) == B
+  np.testing.assert_allclose(float(loss_sum) / B, float(np.mean(want)), rtol=1e-5)
+  np.testing.assert_allclose(float(m["sft_loss"]) / B, -np.mean(separate(params, 0)), rtol=1e-5)

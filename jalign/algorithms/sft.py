@@ -30,3 +30,19 @@ def loss_fn(params, batch, model_cfg, rng=None):
   n_tokens = jnp.sum(mask_BT).astype(jnp.float32)
   correct = (jnp.argmax(logits_BTV, axis=-1) == jnp.roll(batch["tokens"], -1, axis=1))[:, :-1]
   return nll_sum, n_tokens, {"loss": nll_sum, "token_acc": jnp.sum(correct & mask_BT).astype(jnp.float32)}
+
+
+# ------------------------------------------------------------------------------------------ algorithm API
+
+def batch_axes(cfg) -> dict:
+  return BATCH_AXES
+
+
+def load_data(path, tok, cfg):
+  from jalign import data
+  ex, skipped = data.load_sft_examples(path, tok, cfg.data, cfg.tokenizer.chat_template)
+  return data.build_rows(ex, cfg.data.max_seq_len, tok.pad_id, cfg.data.packing), len(ex), skipped, ex
+
+
+def make_loss(cfg, model_cfg):
+  return lambda params, batch, rng: loss_fn(params, batch, model_cfg, rng)

@@ -91,16 +91,15 @@ def train_dataset(rows: dict, *, global_batch: int, seed: int, shuffle: bool, pr
 
 def eval_batches(rows: dict, *, global_batch: int, pad_id: int, process_index: int, process_count: int,
                  max_batches: int = 0):
-  """Deterministic eval batches; the last one is filled with empty rows (loss_mask all zero)."""
+  """Deterministic eval batches; the last one is filled with empty rows (segment_ids and loss_mask zero)."""
   n = len(rows["tokens"])
   n_batches = -(-n // global_batch)
   if max_batches:
     n_batches = min(n_batches, max_batches)
   total = n_batches * global_batch
-  T = rows["tokens"].shape[1]
   if total > n:
-    extra = _empty_rows(total - n, T, pad_id)
-    rows = {k: np.concatenate([v, extra[k]]) for k, v in rows.items()}
+    rows = {k: np.concatenate([v, np.full((total - n,) + v.shape[1:], pad_id if k == "tokens" else 0, v.dtype)])
+            for k, v in rows.items()}
   local = global_batch // process_count
   for b in range(n_batches):
     idx = b * global_batch + process_index + process_count * np.arange(local)

@@ -1,0 +1,73 @@
+"""KTO on unpaired data (NeMo-Aligner's ``algorithms/kto.py``; TRL's KTOTrainer).
+
+Each batch row holds a sample (prompt + response, desirable or not) and its KL sample (the same prompt with
+another row's response). With rho = log pi - log pi_ref (summed over response tokens) and the reference point
+z = max(0, mean rho(KL samples)) over the (micro-)batch, detached:
+desirable ``lambda_D * (1 - sigmoid(beta (rho - z)))``, undesirable ``lambda_U * (1 - sigmoid(beta (z - rho)))``;
+the loss is the mean over samples. Rewards are logged unscaled (rho), as NeMo-Aligner does.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jalign.algorithms import common
+from jalign.data import preference
+
+
+def kto_losses(rho, rho_kl, desirable, valid, *, beta=0.2, desirable_weight=1.0, undesirable_weight=1.0):
+  """Per-sample losses [B] and the reference point z (a scalar)."""
+  z = jnp.sum(jnp.where(valid, rho_kl, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+  z = jax.lax.stop_gradient(jnp.maximum(z, 0.0))
+  good = desirable_weight * (1 - jax.nn.sigmoid(beta * (rho - z)))
+  bad = undesirable_weight * (1 - jax.nn.sigmoid(beta * (z - rho)))
+  return jnp.where(desirable, good, bad), z
+
+
+def batch_axes(cfg) -> dict:
+  axes = {k: common.PAIR_AXES[k] for k in ("tokens", "loss_mask", "segment_ids")}
+  axes["desirable"] = ("batch",)
+  if common.reference_mode(cfg) == "precomputed":
+    axes["ref_logps"] = common.PAIR_AXES["ref_logps"]
+  return axes
+
+
+def load_data(path, tok, cfg):
+  (samples, kl, good), skipped = preference.load_unpaired(path, tok, cfg.data, cfg.tokenizer.chat_template)
+  rows = preference.stack_pairs(list(zip(samples, kl)), cfg.data.max_seq_len, tok.pad_id)
+  rows["desirable"] = good
+  return rows, len(samples), skipped, [s for s, g in zip(samples, good) if g]
+
+
+def make_loss(cfg, model_cfg):
+  k = cfg.kto
+  mode = common.reference_mode(cfg)
+
+  def loss_fn(params, batch, rng):
+    logp, _ = common.pair_logps(common.policy_params(params), batch, model_cfg, rng)
+    ref = common.reference_logps(params, batch, model_cfg, mode)
+    rho = logp - ref
+    valid = jnp.any(batch["segment_ids"][:, 0] > 0, axis=-1)
+    w = valid.astype(jnp.float32)
+    losses, z = kto_losses(rho[:, 0], rho[:, 1], batch["desirable"], valid, beta=k.beta,
+                           desirable_weight=k.desirable_weight, undesirable_weight=k.undesirable_weight)
+    good = w * batch["desirable"]
+    bad = w * (~batch["desirable"])
+    r = rho[:, 0]
+    loss = jnp.sum(w * losses)
+    return loss, jnp.sum(w), {
+        "loss": loss, "kl": z * jnp.sum(w), "_chosen_sum": jnp.sum(good * r), "_n_chosen": jnp.sum(good),
+        "_rejected_sum": jnp.sum(bad * r), "_n_rejected": jnp.sum(bad), "rewards_all_mean": jnp.sum(w * r),
+        "_rewards_sq": jnp.sum(w * r ** 2)}
+
+  return loss_fn
+
+
+def finalize(m: dict) -> dict:
+  m = dict(m)
+  m["rewards_chosen_mean"] = m.pop("_chosen_sum") / jnp.maximum(m.pop("_n_chosen"), 1e-9)
+  m["rewards_rejected_mean"] = m.pop("_rejected_sum") / jnp.maximum(m.pop("_n_rejected"), 1e-9)
+  m["rewards_margin"] = m["rewards_chosen_mean"] - m["rewards_rejected_mean"]
+  return common.finalize(m)
+
+

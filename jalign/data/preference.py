@@ -1,0 +1,330 @@
+"""Preference, reward-label and unpaired (KTO) records from JSONL, validated with file, line and field.
+
+Pairs (reward models, the DPO family), detected per row by their keys:
+- NeMo-Aligner DPO: ``{"prompt": str, "chosen_response": str, "rejected_response": str}`` (template already
+  applied) or the chat form (``prompt`` a message list, responses one message each); optional
+  ``chosen_reward``/``rejected_reward`` (RPO);
+- TRL: ``{"prompt", "chosen", "rejected"}`` as strings or message lists, or implicit-prompt
+  ``{"chosen", "rejected"}`` (the prompt is the common prefix); optional ``margin``;
+- NeMo-Aligner RM comparisons: ``{"text"}`` lines alternating chosen (line 2k+1) and rejected (line 2k+2).
+Reward labels (SteerLM / HelpSteer2 regression): ``{"text", "label": [N numbers, -100 = missing]}``; the
+HelpSteer2-Preference BT variants read two consecutive such lines as a pair, ``label[0]`` of the first being the
+preference strength in -3..3.
+Unpaired (KTO): NeMo ``{"prompt", "response", "preference": "chosen"|"rejected"}`` or TRL
+``{"prompt", "completion", "label": bool}``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from jalign.data.formats import (DataError, Example, SegmentBuilder, _messages, _str, read_jsonl,
+                                 tokenize_segments, truncate)
+from jalign.data.tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
+
+MISSING = -100
+
+
+@dataclass
+class Pair:
+  chosen: Example
+  rejected: Example
+  line: int
+  margin: float = 0.0
+  chosen_reward: float = 1.0     # NeMo-Aligner's data.default_chosen_reward
+  rejected_reward: float = 0.0   # ... and default_rejected_reward
+
+
+class PairTokenizer:
+  """Turns one preference row (any accepted form) into a tokenised Pair."""
+
+  def __init__(self, tok: Tokenizer, data_cfg, chat_template: str = "nemo"):
+    self.tok, self.cfg = tok, data_cfg
+    self.builder = SegmentBuilder(tok, data_cfg, chat_template)
+    self.roles = {"nemo": ("system", "user", "assistant"), "hf": ("system", "user", "assistant", "tool")}[
+        chat_template]
+
+  def _encode(self, segs, eos, path, line):
+    toks, mask = tokenize_segments(self.tok, segs, add_bos=self.cfg.add_bos, add_eos=eos, answer_only=True)
+    return truncate(toks, mask, self.cfg.max_seq_len, self.cfg.truncation, path, line)
+
+  def _string_pair(self, prompt, chosen, rejected, path, line, fields):
+    """Prompt + response strings; the prompt's tokens must be a prefix of prompt+response's tokens."""
+    prompt_ids = self.tok.encode(prompt)
+    out = []
+    for resp, field in zip((chosen, rejected), fields):
+      toks, mask = tokenize_segments(self.tok, [(prompt, False), (resp, True)], add_bos=False,
+                                     add_eos=self.cfg.add_eos, answer_only=True)
+      if list(toks[:len(prompt_ids)]) != list(prompt_ids):
+        raise DataError(path, line, field, "the prompt's tokens are not a prefix of the tokens of prompt + "
+                        "response (a token spans the boundary); end the prompt where the tokenizer splits, "
+                        "e.g. after a newline or special token")
+      if self.cfg.add_bos and self.tok.bos_id is not None:
+        toks, mask = np.concatenate([[self.tok.bos_id], toks]).astype(np.int32), np.concatenate([[False], mask])
+      out.append(Example(*truncate(toks, mask, self.cfg.max_seq_len, self.cfg.truncation, path, line)))
+    return out
+
+  def _implicit(self, chosen, rejected, path, line):
+    """No prompt given: the response starts where the two token sequences first differ."""
+    seqs = [tokenize_segments(self.tok, [(t, True)], add_bos=self.cfg.add_bos, add_eos=self.cfg.add_eos,
+                              answer_only=True)[0] for t in (chosen, rejected)]
+    n = min(map(len, seqs))
+    common = int(np.argmin(seqs[0][:n] == seqs[1][:n])) if (seqs[0][:n] != seqs[1][:n]).any() else n
+    if common == len(seqs[0]) and len(seqs[0]) == len(seqs[1]):
+      raise DataError(path, line, "rejected", "identical to chosen")
+    out = []
+    for s in seqs:
+      mask = np.arange(len(s)) >= common
+      out.append(Example(*truncate(s, mask, self.cfg.max_seq_len, self.cfg.truncation, path, line)))
+    return out
+
+  def _chat_pair(self, prompt_msgs, chosen_msgs, rejected_msgs, path, line):
+    out = []
+    for msgs in (chosen_msgs, rejected_msgs):
+      segs = self.builder._chat(prompt_msgs + msgs, path, line, trainable_from=len(prompt_msgs))
+      out.append(Example(*self._encode(segs, False, path, line)))
+    return out
+
+  def pair(self, obj: dict, path: str, line: int) -> Pair:
+    if "chosen_response" in obj or "rejected_response" in obj:  # NeMo-Aligner DPO
+      if isinstance(obj.get("prompt"), list):
+        p = _messages(obj, "prompt", path, line, self.roles)
+        c = _messages({"c": [obj.get("chosen_response")]}, "c", path, line, self.roles)
+        r = _messages({"r": [obj.get("rejected_response")]}, "r", path, line, self.roles)
+        ex = self._chat_pair(p, c, r, path, line)
+      else:
+        ex = self._string_pair(_str(obj, "prompt", path, line), _str(obj, "chosen_response", path, line, False),
+                               _str(obj, "rejected_response", path, line, False), path, line,
+                               ("chosen_response", "rejected_response"))
+    elif "chosen" in obj or "rejected" in obj:  # TRL
+      if "chosen" not in obj or "rejected" not in obj:
+        raise DataError(path, line, "rejected" if "chosen" in obj else "chosen", "missing")
+      conversational = isinstance(obj["chosen"], list)
+      if "prompt" in obj:
+        if conversational:
+          ex = self._chat_pair(_messages(obj, "prompt", path, line, self.roles),
+                               _messages(obj, "chosen", path, line, self.roles),
+                               _messages(obj, "rejected", path, line, self.roles), path, line)
+        else:
+          ex = self._string_pair(_str(obj, "prompt", path, line), _str(obj, "chosen", path, line, False),
+                                 _str(obj, "rejected", path, line, False), path, line, ("chosen", "rejected"))
+      elif conversational:
+        c = _messages(obj, "chosen", path, line, self.roles)
+        r = _messages(obj, "rejected", path, line, self.roles)
+        n = 0
+        while n < min(len(c), len(r)) - 1 and c[n] == r[n]:
+          n += 1
+        ex = self._chat_pair(c[:n], c[n:], r[n:], path, line)
+      else:
+        ex = self._implicit(_str(obj, "chosen", path, line, False), _str(obj, "rejected", path, line, False),
+                            path, line)
+    else:
+      raise DataError(path, line, None, f"unrecognised preference row with keys {sorted(obj)}; expected "
+                      "prompt/chosen_response/rejected_response, prompt/chosen/rejected, chosen/rejected, or "
+                      "alternating {\"text\"} lines")
+    pair = Pair(ex[0], ex[1], line)
+    for key in ("margin", "chosen_reward", "rejected_reward"):
+      if key in obj:
+        setattr(pair, key, _number(obj, key, path, line))
+    return pair
+
+
+def _number(obj, key, path, line):
+  v = obj[key]
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    raise DataError(path, line, key, f"expected a finite number, got {v!r}")
+  return float(v)
+
+
+def _collect(path, data_cfg, make):
+  """Run ``make(line, obj)`` over rows; DataErrors stop the load unless data.skip_invalid (then counted)."""
+  out, skipped = [], []
+  for line, obj in read_jsonl(path):
+    try:
+      if isinstance(obj, DataError):
+        raise obj
+      item = make(line, obj)
+      if item is not None:
+        out.append(item)
+    except DataError as e:
+      if not data_cfg.skip_invalid:
+        raise
+      skipped.append(str(e))
+  return out, skipped
+
+
+def _finish(path, items, skipped):
+  if skipped:
+    log.warning("%s: skipped %d invalid rows (data.skip_invalid=True); first: %s", path, len(skipped), skipped[0])
+  if not items:
+    raise DataError(path, 0, None, f"no usable rows ({len(skipped)} skipped)")
+  return items, len(skipped)
+
+
+def _alternating(path, data_cfg, make_pair):
+  """NeMo comparisons / HelpSteer pairs: line 2k+1 and 2k+2 form pair k. An odd count is an error."""
+  rows = []
+  for line, obj in read_jsonl(path):
+    if isinstance(obj, DataError):
+      raise obj
+    rows.append((line, obj))
+  if len(rows) % 2:
+    raise DataError(path, rows[-1][0], None, f"{len(rows)} rows: pair files need an even number of lines "
+                    "(line 2k+1 chosen/first, line 2k+2 rejected/second); this last line has no partner")
+  out, skipped = [], []
+  for (l1, o1), (l2, o2) in zip(rows[::2], rows[1::2]):
+    try:
+      out.append(make_pair(l1, o1, l2, o2))
+    except DataError as e:
+      if not data_cfg.skip_invalid:
+        raise
+      skipped.append(str(e))
+  return _finish(path, out, skipped)
+
+
+def _is_comparison_file(path):
+  for _, obj in read_jsonl(path):
+    return isinstance(obj, dict) and "text" in obj and not ({"chosen", "chosen_response"} & set(obj))
+  return False
+
+
+def load_pairs(path: str, tok: Tokenizer, data_cfg, chat_template="nemo") -> tuple[list[Pair], int]:
+  """Preference pairs from any accepted pair format (file-level: NeMo comparisons; else per row)."""
+  pt = PairTokenizer(tok, data_cfg, chat_template)
+  if _is_comparison_file(path):
+    def make(l1, o1, l2, o2):
+      c, r = _str(o1, "text", path, l1, False), _str(o2, "text", path, l2, False)
+      if c == r:
+        raise DataError(path, l2, "text", f"identical to line {l1}")
+      ex = pt._implicit(c, r, path, l1)
+      return Pair(ex[0], ex[1], l1)
+    return _alternating(path, data_cfg, make)
+  pairs, skipped = _collect(path, data_cfg, lambda line, obj: pt.pair(obj, path, line))
+  return _finish(path, pairs, skipped)
+
+
+# ------------------------------------------------------------------------------------------ reward labels
+
+def _labels(obj, path, line, n, lo, hi):
+  lab = obj.get("label")
+  if not isinstance(lab, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in lab):
+    raise DataError(path, line, "label", f"expected a list of {n} numbers, got {lab!r}")
+  if len(lab) != n:
+    raise DataError(path, line, "label", f"has {len(lab)} values, rm.num_attributes={n}")
+  for j, v in enumerate(lab):
+    if v != MISSING and not (lo <= v <= hi):
+      raise DataError(path, line, f"label[{j}]", f"{v} is out of range [{lo}, {hi}] (rm.label_range; "
+                      f"{MISSING} marks a missing attribute)")
+  return np.asarray(lab, np.float32)
+
+
+def _single(builder, data_cfg, obj, path, line):
+  segs, eos = builder.segments(obj, path, line)
+  toks, _ = tokenize_segments(builder.tok, segs, add_bos=data_cfg.add_bos, add_eos=eos, answer_only=False)
+  toks, mask = truncate(toks, np.ones(len(toks), bool), data_cfg.max_seq_len, data_cfg.truncation, path, line)
+  return Example(toks, mask)
+
+
+def load_regression(path, tok, data_cfg, num_attributes, label_range, chat_template="nemo"):
+  """[(Example, labels[A])] from regression rows (any SFT-style text row plus ``label``)."""
+  builder = SegmentBuilder(tok, data_cfg, chat_template)
+  lo, hi = label_range
+
+  def make(line, obj):
+    return _single(builder, data_cfg, obj, path, line), _labels(obj, path, line, num_attributes, lo, hi)
+  return _finish(path, *_collect(path, data_cfg, make))
+
+
+def load_helpsteer_pairs(path, tok, data_cfg, num_attributes, chat_template="nemo"):
+  """HelpSteer2-Preference: consecutive lines form a pair; ``label[0]`` of the first is the strength -3..3
+  (negative: the first response is preferred). Returns Pairs with chosen=first, rejected=second and the
+  strength in ``margin``."""
+  builder = SegmentBuilder(tok, data_cfg, chat_template)
+
+  def make(l1, o1, l2, o2):
+    lab = o1.get("label")
+    if not isinstance(lab, list) or not lab:
+      raise DataError(path, l1, "label", f"expected a list whose first value is the preference strength, "
+                      f"got {lab!r}")
+    s = lab[0]
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or s != int(s) or not -3 <= s <= 3:
+      raise DataError(path, l1, "label[0]", f"preference strength {s!r} is not an integer in -3..3")
+    return Pair(_single(builder, data_cfg, o1, path, l1), _single(builder, data_cfg, o2, path, l2), l1,
+                margin=float(s))
+  return _alternating(path, data_cfg, make)
+
+
+# ------------------------------------------------------------------------------------------ KTO
+
+def load_unpaired(path, tok, data_cfg, chat_template="nemo"):
+  """KTO rows -> (samples, kl_samples, desirable): the KL sample of row i is prompt i with the response of row
+  i+1 (cyclic), NeMo-Aligner's mismatched pairs."""
+  pt = PairTokenizer(tok, data_cfg, chat_template)
+
+  def make(line, obj):
+    if "preference" in obj:
+      pref = obj["preference"]
+      if pref not in ("chosen", "rejected"):
+        raise DataError(path, line, "preference", f"expected 'chosen' or 'rejected', got {pref!r}")
+      resp_key, good = "response", pref == "chosen"
+    elif "label" in obj:
+      if not isinstance(obj["label"], bool):
+        raise DataError(path, line, "label", f"expected true or false, got {obj['label']!r}")
+      resp_key, good = "completion", obj["label"]
+    else:
+      raise DataError(path, line, None, f"unrecognised KTO row with keys {sorted(obj)}; expected "
+                      "prompt/response/preference or prompt/completion/label")
+    if isinstance(obj.get("prompt"), list):
+      prompt = _messages(obj, "prompt", path, line, pt.roles)
+      resp = _messages(obj, resp_key, path, line, pt.roles)
+    else:
+      prompt, resp = _str(obj, "prompt", path, line), _str(obj, resp_key, path, line, False)
+    return line, prompt, resp, good
+
+  rows, skipped = _finish(path, *_collect(path, data_cfg, make))
+  if len(rows) < 2:
+    raise DataError(path, 0, None, "KTO needs at least 2 rows (the KL reference pairs each prompt with the "
+                    "next row's response)")
+
+  def encode(line, prompt, resp):
+    if isinstance(prompt, list) != isinstance(resp, list):
+      raise DataError(path, line, None, "mixes message-list and string rows; use one form per file")
+    if isinstance(prompt, list):
+      return pt._chat_pair(prompt, resp, resp, path, line)[0]
+    return pt._string_pair(prompt, resp, resp, path, line, ("response", "response"))[0]
+
+  samples, kl, good = [], [], []
+  for i, (line, prompt, resp, g) in enumerate(rows):
+    samples.append(encode(line, prompt, resp))
+    kl.append(encode(line, prompt, rows[(i + 1) % len(rows)][2]))
+    good.append(g)
+  return (samples, kl, np.asarray(good)), skipped
+
+
+# ------------------------------------------------------------------------------------------ arrays
+
+def stack_pairs(seqs: list[tuple[Example, Example]], T: int, pad_id: int) -> dict:
+  """[N, 2, T] tokens / loss_mask / segment_ids (1 on real tokens) for N pairs of sequences."""
+  n = len(seqs)
+  tokens = np.full((n, 2, T), pad_id, np.int32)
+  mask = np.zeros((n, 2, T), bool)
+  seg = np.zeros((n, 2, T), np.int32)
+  for i, pair in enumerate(seqs):
+    for j, ex in enumerate(pair):
+      k = len(ex.tokens)
+      tokens[i, j, :k], mask[i, j, :k], seg[i, j, :k] = ex.tokens, ex.loss_mask, 1
+  return {"tokens": tokens, "loss_mask": mask, "segment_ids": seg}
+
+
+def stack_single(examples: list[Example], T: int, pad_id: int) -> dict:
+  n = len(examples)
+  tokens = np.full((n, T), pad_id, np.int32)
+  seg = np.zeros((n, T), np.int32)
+  for i, ex in enumerate(examples):
+    tokens[i, :len(ex.tokens)], seg[i, :len(ex.tokens)] = ex.tokens, 1
+  return {"tokens": tokens, "segment_ids": seg}
