@@ -288,7 +288,7 @@ def run_torch_dpo(dtype: str, steps: int) -> dict:
 
 
 def run_trl_dpo(dtype: str, steps: int) -> dict:
-  """TRL's DPOTrainer on the same token ids (a word-level tokenizer maps "t<id>" to id)."""
+  """TRL's DPOTrainer on the same token ids (a word-level tokenizer maps "<id>" to id)."""
   import copy
 
   import datasets
@@ -297,13 +297,13 @@ def run_trl_dpo(dtype: str, steps: int) -> dict:
   from trl import DPOConfig, DPOTrainer
   model = _torch_model(dtype)
   ref = copy.deepcopy(model)
-  vocab = {f"t{i}": i for i in range(ARCH["vocab_size"])}
-  wl = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+  vocab = {f"<{i}>": i for i in range(ARCH["vocab_size"])}  # "<i>" is never a substring of another token
+  wl = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
   wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
   eos = ARCH["vocab_size"] - 1  # never in the data: TRL appends it to each response (one extra token)
-  tok = transformers.PreTrainedTokenizerFast(tokenizer_object=wl, pad_token="t0", eos_token=f"t{eos}")
+  tok = transformers.PreTrainedTokenizerFast(tokenizer_object=wl, pad_token="<0>", eos_token=f"<{eos}>")
   p, c, r = _pairs(steps + 1)
-  words = lambda ids: " ".join(f"t{int(i)}" for i in ids)
+  words = lambda ids: " ".join(f"<{int(i)}>" for i in ids)
   ds = datasets.Dataset.from_dict({"prompt": [words(x) for x in p.reshape(-1, PROMPT)],
                                    "chosen": [" " + words(x[:-1]) for x in c.reshape(-1, RESP)],
                                    "rejected": [" " + words(x[:-1]) for x in r.reshape(-1, RESP)]})

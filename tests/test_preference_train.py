@@ -100,7 +100,7 @@ def test_score_errors(rm_run, tmp_path, capsys):
 
 
 LORA = {"model.lora.rank": 4, "model.lora.targets": "q,v,o", "train.max_steps": 3, "eval.every_steps": 0,
-        "eval.num_samples": 0, "optim.lr": 0.02, "optim.warmup_steps": 0, "train.global_batch_size": 8,
+        "eval.num_samples": 0, "optim.lr": 2e-3, "optim.warmup_steps": 0, "train.global_batch_size": 8,
         "checkpoint.every_steps": 3, "data.eval_path": ""}
 
 
@@ -164,7 +164,7 @@ def test_dpo_step_matches_trl(dpo_run, tmp_path):
 
   tok = load_tokenizer(os.path.join(SFT_MODEL, "tokenizer.model"))
   pairs, _ = preference.load_pairs(str(small), tok, cfg.data)
-  words = lambda ids: " ".join(f"t{int(i)}" for i in ids)
+  words = lambda ids: " ".join(f"<{int(i)}>" for i in ids)  # "<i>" is never a substring of another token
   rows = {"prompt": [], "chosen": [], "rejected": []}
   for p in pairs:
     start = int(np.argmax(p.chosen.loss_mask))
@@ -172,11 +172,11 @@ def test_dpo_step_matches_trl(dpo_run, tmp_path):
     rows["prompt"].append(words(p.chosen.tokens[:start]))
     rows["chosen"].append(" " + words(p.chosen.tokens[start:]))
     rows["rejected"].append(" " + words(p.rejected.tokens[start:]))
-  end = f"t{tok.token_to_id('<extra_id_1>')}"
-  vocab = {f"t{i}": i for i in range(tok.vocab_size)}
-  wl = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+  end = f"<{tok.token_to_id('<extra_id_1>')}>"
+  vocab = {f"<{i}>": i for i in range(tok.vocab_size)}
+  wl = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
   wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=wl, pad_token=f"t{tok.pad_id}", eos_token=end)
+  hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=wl, pad_token=f"<{tok.pad_id}>", eos_token=end)
 
   policy = transformers.AutoModelForCausalLM.from_pretrained(
       jalign_to_hf(os.path.join(dpo_run, "model"), str(tmp_path / "hf_policy")), torch_dtype=torch.float32)
@@ -200,14 +200,14 @@ def test_dpo_step_matches_trl(dpo_run, tmp_path):
 
 def test_kto_trains_with_nemo_metrics(tmp_path):
   wd = str(tmp_path / "kto")
-  train.run(make_cfg("configs/kto_quickstart.py", **{"train.max_steps": 20, "eval.every_steps": 20,
-                                                      "eval.num_samples": 0, "optim.lr": 5e-4}), wd)
+  train.run(make_cfg("configs/kto_quickstart.py", **{"train.max_steps": 25, "eval.every_steps": 25,
+                                                      "eval.num_samples": 0}), wd)
   tr, ev = metrics(wd)
   for key in ("loss", "kl", "rewards_chosen_mean", "rewards_rejected_mean", "rewards_all_mean",
               "rewards_all_std", "rewards_margin"):
     assert key in tr[1] and np.isfinite(tr[1][key]), key
   assert tr[1]["loss"] == pytest.approx(0.5, abs=1e-6)  # 1 - sigmoid(0) at the start
-  assert ev[20]["val_rewards_margin"] > 0  # desirable responses gained on undesirable ones
+  assert ev[25]["val_rewards_margin"] > 1.0  # desirable responses gained on undesirable ones
 
 
 def test_rm_regression_and_helpsteer_variants(tmp_path):
@@ -224,10 +224,9 @@ def test_rm_regression_and_helpsteer_variants(tmp_path):
     pair_rows += [{"text": a["text"], "label": [strength] + [-100] * 8}, {"text": b["text"], "label": [-100] * 9}]
   path = tmp_path / "helpsteer.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in pair_rows))
-  for variant in ("regular_bt", "margin_bt", "scaled_bt"):
-    wd = str(tmp_path / variant)
-    train.run(make_cfg("configs/rm_regression.py", **{
-        "rm.loss": variant, "data.train_path": str(path), "data.eval_path": "", "train.max_steps": 2,
-        "eval.every_steps": 0}), wd)
-    tr, _ = metrics(wd)
-    assert np.isfinite(tr[2]["loss"]) and "acc" in tr[2]
+  wd = str(tmp_path / "scaled_bt")  # the variants' formulas are checked in test_rm_losses
+  train.run(make_cfg("configs/rm_regression.py", **{
+      "rm.loss": "scaled_bt", "data.train_path": str(path), "data.eval_path": "", "train.max_steps": 2,
+      "eval.every_steps": 0}), wd)
+  tr, _ = metrics(wd)
+  assert np.isfinite(tr[2]["loss"]) and "acc" in tr[2]
