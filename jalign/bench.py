@@ -333,27 +333,30 @@ DPO_RUNNERS = {"jalign": run_jalign_dpo, "torch": run_torch_dpo, "trl": run_trl_
 
 
 def logprob_memory(vocab: int = 128256, hidden: int = 2048, rows: int = 16, length: int = PROMPT + RESP) -> dict:
-  """Peak temporary memory XLA reports for the summed response log-probs of ``rows`` sequences (forward and
-  gradient w.r.t. the hidden states and the output matrix), at a Llama-3-size vocabulary."""
+  """Temporary memory XLA reports for the summed response log-probs of ``rows`` sequences (forward, and gradient
+  w.r.t. the hidden states and the output matrix), at a Llama-3-size vocabulary: full logits (chunk 0) and
+  ``model.logprob_chunk`` 64 and 16."""
   import jax
   import jax.numpy as jnp
 
-  from jalign.models import transformer
-
-  def f(h, w, tokens, mask):
-    logits = jnp.einsum("btd,dv->btv", h, w)
-    lp = transformer.token_logprobs(logits, tokens)
-    return jnp.sum(jnp.where(mask[:, 1:], lp, 0.0))
+  from jalign.models import ModelConfig, transformer
 
   args = (jax.ShapeDtypeStruct((rows, length, hidden), jnp.float32),
           jax.ShapeDtypeStruct((hidden, vocab), jnp.float32),
           jax.ShapeDtypeStruct((rows, length), jnp.int32), jax.ShapeDtypeStruct((rows, length), bool))
-  out = {}
-  for name, fn in (("forward", f), ("forward+backward", jax.grad(f, argnums=(0, 1)))):
-    ma = jax.jit(fn).lower(*args).compile().memory_analysis()
-    out[name] = {"temp_mb": ma.temp_size_in_bytes / 2**20, "argument_mb": ma.argument_size_in_bytes / 2**20,
-                 "output_mb": ma.output_size_in_bytes / 2**20}
-  out["logits_mb"] = rows * length * vocab * 4 / 2**20
+  out = {"logits_mb": rows * length * vocab * 4 / 2**20}
+  for chunk in (0, 64, 16):
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, logprob_chunk=chunk)
+
+    def f(h, w, tokens, mask):
+      lp = transformer.logprobs_from_hidden({"lm_head": w}, h, tokens, cfg)
+      return jnp.sum(jnp.where(mask[:, 1:], lp, 0.0))
+
+    for name, fn in (("forward", f), ("forward+backward", jax.grad(f, argnums=(0, 1)))):
+      ma = jax.jit(fn).lower(*args).compile().memory_analysis()
+      out[f"chunk={chunk} {name}"] = {"temp_mb": ma.temp_size_in_bytes / 2**20,
+                                      "argument_mb": ma.argument_size_in_bytes / 2**20,
+                                      "output_mb": ma.output_size_in_bytes / 2**20}
   return out
 
 
@@ -523,9 +526,12 @@ def main(argv=None):
     mem = logprob_memory()
     print(f"\nlog-prob computation at vocab 128256, hidden 2048, 16 rows x {PROMPT + RESP} tokens (fp32 logits "
           f"{mem['logits_mb']:.0f} MB), XLA memory_analysis:")
-    for k in ("forward", "forward+backward"):
-      print(f"  {k}: temp {mem[k]['temp_mb']:.0f} MB, arguments {mem[k]['argument_mb']:.0f} MB, "
-            f"outputs {mem[k]['output_mb']:.0f} MB")
+    print("| model.logprob_chunk | pass | temp (MB) | arguments (MB) | outputs (MB) |")
+    print("|---|---|---|---|---|")
+    for k, v in mem.items():
+      if k != "logits_mb":
+        chunk, what = k.split(" ")
+        print(f"| {chunk.split('=')[1]} | {what} | {v['temp_mb']:.0f} | {v['argument_mb']:.0f} | {v['output_mb']:.0f} |")
     if a.json:
       with open(a.json, "w") as f:
         json.dump({"rows": rows, "logprob_memory": mem}, f, indent=2)

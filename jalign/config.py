@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
       tie_embeddings=False, sliding_window=0, activation="silu", norm_offset=0.0, scale_embeddings=False,
       param_dtype="float32", dtype="float32", remat="none", scan_unroll=1,
       attention="xla", num_value_heads=0,
+      logprob_chunk=0,  # DPO/KTO log-probs C positions at a time (large vocabularies: bounds the logits memory)
       checkpoint="",  # initialise weights from a jalign model dir or a run's checkpoint dir
       reference_checkpoint="",  # DPO/KTO reference weights (reference=copy|precomputed); default: the start
   ))

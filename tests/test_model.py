@@ -136,3 +136,29 @@ def test_value_head_outputs():
   v = transformer.values_from_hidden(params, h)
   assert v.shape == (1, 8, 3)
   np.testing.assert_allclose(v, h @ params["value_head"]["w"] + params["value_head"]["b"], atol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_chunked_logprobs_match_full_logits(tie):
+  """model.logprob_chunk gives the same log-probs and gradients as materialising all logits (T=13 is not a
+  multiple of the chunk)."""
+  import dataclasses
+
+  from jalign.models import ModelConfig, init_params, transformer
+  cfg = ModelConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, ffn_size=32,
+                    tie_embeddings=tie)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  h = jax.random.normal(jax.random.PRNGKey(1), (2, 13, 16))
+  toks = jax.random.randint(jax.random.PRNGKey(2), (2, 13), 0, 50)
+  wkey = "embed" if tie else "lm_head"
+
+  def loss(p, h, c):
+    lp = transformer.logprobs_from_hidden(p, h, toks, dataclasses.replace(cfg, logprob_chunk=c))
+    return jnp.sum(lp * jnp.arange(12.0)), lp
+
+  (l0, lp0), g0 = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, h, 0)
+  (l4, lp4), g4 = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, h, 4)
+  assert lp4.shape == (2, 12)
+  np.testing.assert_allclose(lp4, lp0, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(g4[1], g0[1], rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(g4[0][wkey], g0[0][wkey], rtol=1e-4, atol=1e-6)

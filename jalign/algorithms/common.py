@@ -30,9 +30,9 @@ def target_mask(flat):
 def sequence_logps(params, flat, model_cfg, rng=None):
   """Summed response log-probs and response lengths, both [N], of unpacked sequences
   (``flat``: tokens, loss_mask, segment_ids, positions, each [N, T])."""
-  logits_NTV = transformer.forward(params, flat["tokens"], model_cfg, positions_BT=flat["positions"],
-                                   segment_ids_BT=flat["segment_ids"], dropout_rng=rng)
-  logp_NT = transformer.token_logprobs(logits_NTV, flat["tokens"])
+  h_NTD = transformer.hidden_states(params, flat["tokens"], model_cfg, positions_BT=flat["positions"],
+                                    segment_ids_BT=flat["segment_ids"], dropout_rng=rng)
+  logp_NT = transformer.logprobs_from_hidden(params, h_NTD, flat["tokens"], model_cfg)
   mask_NT = target_mask(flat)
   return jnp.sum(jnp.where(mask_NT, logp_NT, 0.0), axis=-1), jnp.sum(mask_NT, axis=-1).astype(jnp.float32)
 

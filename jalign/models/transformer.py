@@ -48,6 +48,7 @@ class ModelConfig:
   scan_unroll: int = 1         # layers unrolled per scan iteration (num_layers: a straight-line program)
   attention: str = "xla"
   num_value_heads: int = 0     # >0 adds a value/reward head with that many outputs
+  logprob_chunk: int = 0       # >0: sequence log-probs in chunks of this many positions, never all [B, T, V] logits
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0
@@ -337,6 +338,31 @@ def token_logprobs(logits_BTV, tokens_BT):
   logz_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
   picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
   return (picked_BT - logz_BT)[:, :-1]
+
+
+def logprobs_from_hidden(params, h_BTD, tokens_BT, cfg: ModelConfig):
+  """``token_logprobs(logits_from_hidden(...))`` [B, T-1]; with ``cfg.logprob_chunk`` = C > 0 the logits exist
+  C positions at a time ([B, C, V]), in the backward pass too (each chunk is recomputed), so peak memory no longer
+  grows with T x V."""
+  B, T, D = h_BTD.shape
+  C = cfg.logprob_chunk
+  if not C or C >= T:
+    return token_logprobs(logits_from_hidden(params, h_BTD, cfg), tokens_BT)
+  n = -(-T // C)
+  pad = n * C - T
+  targets_BT = jnp.pad(jnp.roll(tokens_BT, -1, axis=1), ((0, 0), (0, pad)))
+  h_nBCD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, C, D).swapaxes(0, 1)
+  t_nBC = targets_BT.reshape(B, n, C).swapaxes(0, 1)
+  w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+
+  @jax.checkpoint
+  def chunk(w, h_BCD, t_BC):
+    logits_BCV = _matmul(h_BCD, w.astype(h_BCD.dtype), 1).astype(jnp.float32)
+    picked = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits_BCV, axis=-1)
+
+  out_nBC = jax.lax.map(lambda xs: chunk(w, *xs), (h_nBCD, t_nBC))
+  return out_nBC.swapaxes(0, 1).reshape(B, n * C)[:, :T - 1]
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
