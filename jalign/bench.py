@@ -157,6 +157,20 @@ def run_torch(dtype: str, steps: int) -> dict:
           "loss_first": losses[0], "peak_rss_mb": _rss_mb()}
 
 
+def _step_timer(times: list):
+  """A transformers callback appending each optimizer step's wall time to ``times``."""
+  import transformers
+
+  class StepTimer(transformers.TrainerCallback):
+    def on_step_begin(self, args, state, control, **kw):
+      self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+      times.append(time.perf_counter() - self.t0)
+
+  return StepTimer()
+
+
 def run_trl(dtype: str, steps: int) -> dict:
   import datasets
   import transformers
@@ -170,21 +184,14 @@ def run_trl(dtype: str, steps: int) -> dict:
   data = _batches(steps + 1).reshape(-1, T)
   ds = datasets.Dataset.from_dict({"input_ids": [list(map(int, r)) for r in data]})
   times = []
-
-  class Timer(transformers.TrainerCallback):
-    def on_step_begin(self, args, state, control, **kw):
-      self.t0 = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-      times.append(time.perf_counter() - self.t0)
-
   with tempfile.TemporaryDirectory() as out:
     args = SFTConfig(output_dir=out, per_device_train_batch_size=B, max_steps=steps + 1, learning_rate=3e-4,
                      adam_beta2=0.98, weight_decay=0.01, max_grad_norm=1.0, lr_scheduler_type="constant",
                      logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True,
                      bf16=dtype == "bfloat16", max_length=T, packing=False, gradient_checkpointing=False,
                      dataloader_num_workers=0, seed=0, disable_tqdm=True, eos_token="t1", pad_token="t0")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                         callbacks=[_step_timer(times)])
     trainer.train()
   return {"first_step_s": times[0], "step_s": statistics.median(times[1:]), "ceiling": ceiling,
           "loss_first": float("nan"), "peak_rss_mb": _rss_mb()}
@@ -308,14 +315,6 @@ def run_trl_dpo(dtype: str, steps: int) -> dict:
                                    "chosen": [" " + words(x[:-1]) for x in c.reshape(-1, RESP)],
                                    "rejected": [" " + words(x[:-1]) for x in r.reshape(-1, RESP)]})
   times = []
-
-  class Timer(transformers.TrainerCallback):
-    def on_step_begin(self, args, state, control, **kw):
-      self.t0 = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-      times.append(time.perf_counter() - self.t0)
-
   with tempfile.TemporaryDirectory() as out:
     args = DPOConfig(output_dir=out, beta=0.1, per_device_train_batch_size=B, max_steps=steps + 1,
                      learning_rate=3e-4, adam_beta2=0.98, weight_decay=0.01, max_grad_norm=1.0,
@@ -323,7 +322,7 @@ def run_trl_dpo(dtype: str, steps: int) -> dict:
                      use_cpu=True, bf16=dtype == "bfloat16", max_length=None, gradient_checkpointing=False,
                      dataloader_num_workers=0, seed=0, disable_tqdm=True)
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok,
-                         callbacks=[Timer()])
+                         callbacks=[_step_timer(times)])
     trainer.train()
   return {"first_step_s": times[0], "step_s": statistics.median(times[1:]), "loss_last": float("nan"),
           "peak_rss_mb": _rss_mb()}
@@ -531,7 +530,8 @@ def main(argv=None):
     for k, v in mem.items():
       if k != "logits_mb":
         chunk, what = k.split(" ")
-        print(f"| {chunk.split('=')[1]} | {what} | {v['temp_mb']:.0f} | {v['argument_mb']:.0f} | {v['output_mb']:.0f} |")
+        print(f"| {chunk.split('=')[1]} | {what} | {v['temp_mb']:.0f} | {v['argument_mb']:.0f} | "
+              f"{v['output_mb']:.0f} |")
     if a.json:
       with open(a.json, "w") as f:
         json.dump({"rows": rows, "logprob_memory": mem}, f, indent=2)

@@ -184,7 +184,8 @@ def run(cfg, workdir: str, on_step=None) -> dict:
                      out_shardings=sharding.replicated(mesh))
     cache = os.path.join(workdir, "reference_logps.npz")
     named = {"train": rows, **({"eval": eval_rows} if eval_rows is not None else {})}
-    for name, r in reference_cache(cache, named, f"{cfg.model.checkpoint}|{cfg.model.reference_checkpoint}|seed={cfg.seed}", main_proc,
+    source = f"{cfg.model.checkpoint}|{cfg.model.reference_checkpoint}|seed={cfg.seed}"
+    for name, r in reference_cache(cache, named, source, main_proc,
                                    lambda r: precompute_logps(ref_fn, ref_params, r, gb, batch_sh, tok.pad_id,
                                                               pid, nproc)).items():
       named[name]["ref_logps"] = r
@@ -227,8 +228,8 @@ def run(cfg, workdir: str, on_step=None) -> dict:
   n_params = transformer.count_params(shapes)
   progress.message(f"jalign: {cfg.algorithm} | model {n_params / 1e6:.2f}M params | mesh "
                    f"{dict(mesh.shape)} | {jax.process_count()} process(es) | {n_train} train rows "
-                   f"-> {len(rows['tokens'])} rows of {rows['tokens'].shape[1:]} | {n_eval} eval rows | skipped {skipped} "
-                   f"invalid | steps {start_step}->{cfg.train.max_steps}")
+                   f"-> {len(rows['tokens'])} rows of {rows['tokens'].shape[1:]} | {n_eval} eval rows | "
+                   f"skipped {skipped} invalid | steps {start_step}->{cfg.train.max_steps}")
 
   summary = {"workdir": workdir, "skipped_rows": skipped, "start_step": start_step}
   if eval_rows is not None and start_step == 0 and cfg.eval.every_steps:
@@ -237,8 +238,8 @@ def run(cfg, workdir: str, on_step=None) -> dict:
     progress.message("step 0: " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
     summary["initial_eval"] = ev
   if start_step == 0:
-    summary["samples_before"] = show_samples("before training", policy_params(full_params(state)), model_cfg, tok, eval_ex,
-                                             cfg, progress)
+    summary["samples_before"] = show_samples("before training", policy_params(full_params(state)), model_cfg, tok,
+                                             eval_ex, cfg, progress)
   peak = peak_flops_per_device(cfg, jax.devices()[0]) * jax.device_count()
   t_start = time.time()
   reason, step = "done", start_step
@@ -254,8 +255,8 @@ def run(cfg, workdir: str, on_step=None) -> dict:
   ckpt.close()
   summary.update(final_step=step, reason=reason, train_seconds=time.time() - t_start)
   if reason == "done":
-    summary["samples_after"] = show_samples("after training", policy_params(full_params(state)), model_cfg, tok, eval_ex, cfg,
-                                            progress)
+    summary["samples_after"] = show_samples("after training", policy_params(full_params(state)), model_cfg, tok,
+                                            eval_ex, cfg, progress)
     export = lora.merge(policy_params(full_params(state)), model_cfg)
     export_cfg = model_cfg.to_dict()
     export_cfg.update(lora_rank=0)
