@@ -230,3 +230,23 @@ def test_rm_regression_and_helpsteer_variants(tmp_path):
       "eval.every_steps": 0}), wd)
   tr, _ = metrics(wd)
   assert np.isfinite(tr[2]["loss"]) and "acc" in tr[2]
+
+
+def test_reward_model_exports_to_hf_sequence_classification(rm_run, tmp_path):
+  """jalign-to-hf writes the reward head as LlamaForSequenceClassification's score: same rewards."""
+  torch = pytest.importorskip("torch")
+  import transformers
+
+  from jalign.convert import jalign_to_hf
+  from jalign.data import load_tokenizer
+  out = tmp_path / "scored.jsonl"
+  assert score.main(["--checkpoint", rm_run, "--input", "examples/data/rm_eval.jsonl", "--output", str(out)]) == 0
+  rows = [json.loads(ln) for ln in open(out)][:4]
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(
+      jalign_to_hf(os.path.join(rm_run, "model"), str(tmp_path / "hf")), dtype=torch.float32)
+  assert type(model).__name__ == "LlamaForSequenceClassification"
+  tok = load_tokenizer(os.path.join(rm_run, "model"))
+  for r in rows:
+    with torch.no_grad():
+      got = model(torch.tensor([[tok.bos_id] + tok.encode(r["text"])])).logits[0, 0].item()
+    assert got == pytest.approx(r["reward"], abs=1e-4)
