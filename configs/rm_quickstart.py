@@ -14,8 +14,8 @@ def get_config():
   c.data.update(train_path="examples/data/rm_train.jsonl", eval_path="examples/data/rm_eval.jsonl",
                 max_seq_len=32, add_bos=True, add_eos=False)
   c.rm.update(loss="bradley_terry")
-  c.train.update(max_steps=250, global_batch_size=16, log_every=10)
+  c.train.update(max_steps=300, global_batch_size=24, log_every=10)
   c.optim.update(lr=1e-3, warmup_steps=10, min_lr=1e-4, weight_decay=0.0)
-  c.checkpoint.update(every_steps=125, keep=2)
-  c.eval.update(every_steps=125)
+  c.checkpoint.update(every_steps=150, keep=2)
+  c.eval.update(every_steps=150)
   return c
