@@ -134,6 +134,15 @@ def _torch_ceiling(dtype):
   return 2 * n ** 3 / statistics.median(t)
 
 
+def _torch_update(model, opt, loss):
+  """Backward, clip the global norm at 1.0, AdamW step: the same update for every PyTorch loop here."""
+  import torch
+  loss.backward()
+  torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+  opt.step()
+  opt.zero_grad(set_to_none=True)
+
+
 def run_torch(dtype: str, steps: int) -> dict:
   import torch
   ceiling = _torch_ceiling(dtype)
@@ -147,10 +156,7 @@ def run_torch(dtype: str, steps: int) -> dict:
       logits = model(data[i]).logits
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                              data[i][:, 1:].reshape(-1))
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    _torch_update(model, opt, loss)
     losses.append(loss.item())
     times.append(time.perf_counter() - t0)
   return {"first_step_s": times[0], "step_s": statistics.median(times[1:]), "ceiling": ceiling,
@@ -284,10 +290,7 @@ def run_torch_dpo(dtype: str, steps: int) -> dict:
       ref_c, ref_r = logps(ref, ids).chunk(2)
     pol_c, pol_r = logps(model, ids).chunk(2)
     loss = -F.logsigmoid(beta * ((pol_c - ref_c) - (pol_r - ref_r))).mean()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    _torch_update(model, opt, loss)
     losses.append(loss.item())
     times.append(time.perf_counter() - t0)
   return {"first_step_s": times[0], "step_s": statistics.median(times[1:]), "loss_last": losses[-1],

@@ -128,9 +128,8 @@ def _rewardbench_row(obj, path, line):
 def tokenize_rows(path, tok, data_cfg, chat_template, rewardbench=False):
   """[(row, kind, examples)]: kind "pair" (two Examples) or "single" (one)."""
   from jalign.data import DataError, preference
-  from jalign.data.formats import Example, SegmentBuilder, read_jsonl, tokenize_segments, truncate
+  from jalign.data.formats import read_jsonl
   pt = preference.PairTokenizer(tok, data_cfg, chat_template)
-  builder = SegmentBuilder(tok, data_cfg, chat_template)
   out = []
   for line, obj in read_jsonl(path):
     if isinstance(obj, DataError):
@@ -142,10 +141,7 @@ def tokenize_rows(path, tok, data_cfg, chat_template, rewardbench=False):
       pair = pt.pair(obj, path, line)
       out.append((obj, "pair", [pair.chosen, pair.rejected]))
     else:  # the mask marks the response (all of a plain text), used by implicit rewards
-      segs, eos = builder.segments(obj, path, line)
-      toks, mask = tokenize_segments(tok, segs, add_bos=data_cfg.add_bos, add_eos=eos, answer_only=True)
-      out.append((obj, "single", [Example(*truncate(toks, mask, data_cfg.max_seq_len, data_cfg.truncation,
-                                                    path, line))]))
+      out.append((obj, "single", [pt.encode(*pt.builder.segments(obj, path, line), path, line)]))
   return out
 
 

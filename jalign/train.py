@@ -174,20 +174,25 @@ def run(cfg, workdir: str, on_step=None) -> dict:
 
   state = None
   if ref_mode == "precomputed":
-    state = initial_state()
-    ref_params = lora.disabled(policy_params(full_params(state)))
-    if cfg.model.reference_checkpoint:
-      ref_params = {**ref_params, **checkpoint.load_params(cfg.model.reference_checkpoint,
-                                                           {k: base_abs[k] for k in ref_params})}
     ref_fn = jax.jit(traced(lambda p, b: common.pair_logps(p, b, model_cfg)[0]),
-                     in_shardings=({k: param_sh[k] for k in ref_params}, {k: batch_sh[k] for k in PAIR_KEYS}),
+                     in_shardings=({k: param_sh[k] for k in base_keys}, {k: batch_sh[k] for k in PAIR_KEYS}),
                      out_shardings=sharding.replicated(mesh))
+    ref_params = {}
+
+    def compute(r):  # the starting weights are built (or loaded) only when the cache misses
+      nonlocal state
+      if not ref_params:
+        if state is None:
+          state = initial_state()
+        ref_params.update(lora.disabled(policy_params(state)))
+        if cfg.model.reference_checkpoint:
+          ref_params.update(checkpoint.load_params(cfg.model.reference_checkpoint, base_abs))
+      return precompute_logps(ref_fn, ref_params, r, gb, batch_sh, tok.pad_id, pid, nproc)
+
     cache = os.path.join(workdir, "reference_logps.npz")
     named = {"train": rows, **({"eval": eval_rows} if eval_rows is not None else {})}
     source = f"{cfg.model.checkpoint}|{cfg.model.reference_checkpoint}|seed={cfg.seed}"
-    for name, r in reference_cache(cache, named, source, main_proc,
-                                   lambda r: precompute_logps(ref_fn, ref_params, r, gb, batch_sh, tok.pad_id,
-                                                              pid, nproc)).items():
+    for name, r in reference_cache(cache, named, source, main_proc, compute).items():
       named[name]["ref_logps"] = r
 
   train_ds = data.train_dataset(rows, global_batch=gb, seed=cfg.seed, shuffle=cfg.data.shuffle,
@@ -238,7 +243,7 @@ def run(cfg, workdir: str, on_step=None) -> dict:
     progress.message("step 0: " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
     summary["initial_eval"] = ev
   if start_step == 0:
-    summary["samples_before"] = show_samples("before training", policy_params(full_params(state)), model_cfg, tok,
+    summary["samples_before"] = show_samples("before training", policy_params(state), model_cfg, tok,
                                              eval_ex, cfg, progress)
   peak = peak_flops_per_device(cfg, jax.devices()[0]) * jax.device_count()
   t_start = time.time()
@@ -255,9 +260,9 @@ def run(cfg, workdir: str, on_step=None) -> dict:
   ckpt.close()
   summary.update(final_step=step, reason=reason, train_seconds=time.time() - t_start)
   if reason == "done":
-    summary["samples_after"] = show_samples("after training", policy_params(full_params(state)), model_cfg, tok,
+    summary["samples_after"] = show_samples("after training", policy_params(state), model_cfg, tok,
                                             eval_ex, cfg, progress)
-    export = lora.merge(policy_params(full_params(state)), model_cfg)
+    export = lora.merge(policy_params(state), model_cfg)
     export_cfg = model_cfg.to_dict()
     export_cfg.update(lora_rank=0)
     checkpoint.save_model(os.path.join(workdir, "model"), export, export_cfg, tok.files())
@@ -274,12 +279,10 @@ def run(cfg, workdir: str, on_step=None) -> dict:
   return summary
 
 
-def full_params(st):
-  return {**st["frozen"], **st["params"]}
-
-
-def policy_params(params):
-  return {k: v for k, v in params.items() if k != "reference"}
+def policy_params(st):
+  """The model's params (trainable and frozen) from a train state, without a reference copy."""
+  from jalign.algorithms import common
+  return common.policy_params({**st["frozen"], **st["params"]})
 
 
 def reference_mode(cfg) -> str:

@@ -33,11 +33,18 @@ def bradley_terry(r_chosen, r_rejected, margin=None, center_coef: float = 0.0):
   return loss
 
 
+def regression_sums(pred_BA, labels_BA, valid_B=None):
+  """(sum of squared errors, number of labels) over the attributes present (label != -100) of valid rows."""
+  present = labels_BA != MISSING
+  if valid_B is not None:
+    present = present & valid_B[:, None]
+  return jnp.sum(jnp.where(present, (pred_BA - labels_BA) ** 2, 0.0)), jnp.sum(present).astype(jnp.float32)
+
+
 def regression(pred_BA, labels_BA):
   """Masked MSE over the attributes present (label != -100); 0 when none is."""
-  present = labels_BA != MISSING
-  sq = jnp.where(present, (pred_BA - labels_BA) ** 2, 0.0)
-  return jnp.sum(sq) / jnp.maximum(jnp.sum(present), 1)
+  sq, n = regression_sums(pred_BA, labels_BA)
+  return sq / jnp.maximum(n, 1)
 
 
 def helpsteer_bt(r_first, r_second, strength, variant: str = "scaled_bt"):
@@ -115,10 +122,7 @@ def make_loss(cfg, model_cfg):
   def loss_fn(params, batch, rng):
     if r.loss == "regression":
       pred_BA = last_token_values(params, batch["tokens"], batch["segment_ids"], model_cfg, rng)
-      valid_B = jnp.any(batch["segment_ids"] > 0, axis=-1)
-      present = (batch["labels"] != MISSING) & valid_B[:, None]
-      sq = jnp.sum(jnp.where(present, (pred_BA - batch["labels"]) ** 2, 0.0))
-      n = jnp.sum(present).astype(jnp.float32)
+      sq, n = regression_sums(pred_BA, batch["labels"], jnp.any(batch["segment_ids"] > 0, axis=-1))
       return sq, n, {"loss": sq}
     r_a, r_b = pair_rewards(params, batch, model_cfg, r.reward_index, rng)
     w = jnp.any(batch["segment_ids"][:, 0] > 0, axis=-1).astype(jnp.float32)

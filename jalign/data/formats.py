@@ -120,6 +120,7 @@ class SegmentBuilder:
       raise ValueError(f"tokenizer.chat_template='hf' but {tokenizer.path} has no chat_template in "
                        "tokenizer_config.json")
     self.special = {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
+    self.roles = NEMO_ROLES if chat_template == "nemo" else HF_ROLES
 
   def _chat(self, msgs, path, line, trainable_from=0):
     """Messages -> segments with the configured template; assistant messages at index >= trainable_from train."""
@@ -155,8 +156,7 @@ class SegmentBuilder:
     if "conversations" in obj:
       return self._nemo_chat(obj, path, line), False
     if "messages" in obj:
-      roles = NEMO_ROLES if self.chat == "nemo" else HF_ROLES
-      return self._chat(_messages(obj, "messages", path, line, roles), path, line), False
+      return self._chat(_messages(obj, "messages", path, line, self.roles), path, line), False
     if "input" in obj or "output" in obj:
       inp, out = _str(obj, "input", path, line), _str(obj, "output", path, line, allow_empty=False)
       tmpl = self.cfg.prompt_template
@@ -166,9 +166,8 @@ class SegmentBuilder:
       return [(head.format(input=inp), False), (out + tail.format(input=inp), True)], self.cfg.add_eos
     if "prompt" in obj and "completion" in obj:
       if isinstance(obj["prompt"], list):
-        roles = NEMO_ROLES if self.chat == "nemo" else HF_ROLES
-        p = _messages(obj, "prompt", path, line, roles)
-        c = _messages(obj, "completion", path, line, roles)
+        p = _messages(obj, "prompt", path, line, self.roles)
+        c = _messages(obj, "completion", path, line, self.roles)
         return self._chat(p + c, path, line, trainable_from=len(p)), False
       return [(_str(obj, "prompt", path, line), False),
               (_str(obj, "completion", path, line, allow_empty=False), True)], self.cfg.add_eos
@@ -254,27 +253,42 @@ def truncate(tokens, mask, max_len: int, policy: str, path, line):
   return tokens, mask
 
 
-def load_sft_examples(path: str, tokenizer: Tokenizer, data_cfg, chat_template="nemo"):
-  """All rows of one file as Examples, or a DataError on the first bad row (counted skips if skip_invalid)."""
-  builder = SegmentBuilder(tokenizer, data_cfg, chat_template)
-  examples, skipped = [], []
-  for line, obj in read_jsonl(path):
+def collect(items, data_cfg, make):
+  """``make(*item)`` for each item (items holding a DataError from ``read_jsonl`` raise it). A DataError stops the
+  load unless ``data.skip_invalid``; then the row is skipped and its message kept. Returns (results, skipped)."""
+  out, skipped = [], []
+  for item in items:
     try:
-      if isinstance(obj, DataError):
-        raise obj
-      segs, eos = builder.segments(obj, path, line)
-      toks, mask = tokenize_segments(tokenizer, segs, add_bos=data_cfg.add_bos, add_eos=eos,
-                                     answer_only=data_cfg.answer_only_loss)
-      toks, mask = truncate(toks, mask, data_cfg.max_seq_len, data_cfg.truncation, path, line)
-      if not mask[1:].any():
-        raise DataError(path, line, None, "no trainable tokens in this row")
-      examples.append(Example(toks, mask))
+      for x in item:
+        if isinstance(x, DataError):
+          raise x
+      out.append(make(*item))
     except DataError as e:
       if not data_cfg.skip_invalid:
         raise
       skipped.append(str(e))
+  return out, skipped
+
+
+def finish(path, items, skipped):
+  """Log the skipped rows; refuse a file with nothing usable. Returns (items, number skipped)."""
   if skipped:
     log.warning("%s: skipped %d invalid rows (data.skip_invalid=True); first: %s", path, len(skipped), skipped[0])
-  if not examples:
+  if not items:
     raise DataError(path, 0, None, f"no usable rows ({len(skipped)} skipped)")
-  return examples, len(skipped)
+  return items, len(skipped)
+
+
+def load_sft_examples(path: str, tokenizer: Tokenizer, data_cfg, chat_template="nemo"):
+  """All rows of one file as Examples, or a DataError on the first bad row (counted skips if skip_invalid)."""
+  builder = SegmentBuilder(tokenizer, data_cfg, chat_template)
+
+  def make(line, obj):
+    segs, eos = builder.segments(obj, path, line)
+    toks, mask = tokenize_segments(tokenizer, segs, add_bos=data_cfg.add_bos, add_eos=eos,
+                                   answer_only=data_cfg.answer_only_loss)
+    toks, mask = truncate(toks, mask, data_cfg.max_seq_len, data_cfg.truncation, path, line)
+    if not mask[1:].any():
+      raise DataError(path, line, None, "no trainable tokens in this row")
+    return Example(toks, mask)
+  return finish(path, *collect(read_jsonl(path), data_cfg, make))

@@ -15,17 +15,14 @@ Unpaired (KTO): NeMo ``{"prompt", "response", "preference": "chosen"|"rejected"}
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from jalign.data.formats import (DataError, Example, SegmentBuilder, _messages, _str, read_jsonl,
+from jalign.data.formats import (DataError, Example, SegmentBuilder, _messages, _str, collect, finish, read_jsonl,
                                  tokenize_segments, truncate)
 from jalign.data.tokenizers import Tokenizer
-
-log = logging.getLogger(__name__)
 
 MISSING = -100
 
@@ -46,28 +43,26 @@ class PairTokenizer:
   def __init__(self, tok: Tokenizer, data_cfg, chat_template: str = "nemo"):
     self.tok, self.cfg = tok, data_cfg
     self.builder = SegmentBuilder(tok, data_cfg, chat_template)
-    self.roles = {"nemo": ("system", "user", "assistant"), "hf": ("system", "user", "assistant", "tool")}[
-        chat_template]
+    self.roles = self.builder.roles
 
-  def _encode(self, segs, eos, path, line):
+  def encode(self, segs, eos, path, line) -> Example:
     toks, mask = tokenize_segments(self.tok, segs, add_bos=self.cfg.add_bos, add_eos=eos, answer_only=True)
-    return truncate(toks, mask, self.cfg.max_seq_len, self.cfg.truncation, path, line)
+    return Example(*truncate(toks, mask, self.cfg.max_seq_len, self.cfg.truncation, path, line))
+
+  def string_response(self, prompt, resp, path, line, field) -> Example:
+    """Prompt + response strings; the prompt's tokens must be a prefix of prompt+response's tokens."""
+    prompt_ids = list(self.tok.encode(prompt))
+    toks, mask = tokenize_segments(self.tok, [(prompt, False), (resp, True)], add_bos=self.cfg.add_bos,
+                                   add_eos=self.cfg.add_eos, answer_only=True)
+    start = int(self.cfg.add_bos and self.tok.bos_id is not None)
+    if list(toks[start:start + len(prompt_ids)]) != prompt_ids:
+      raise DataError(path, line, field, "the prompt's tokens are not a prefix of the tokens of prompt + "
+                      "response (a token spans the boundary); end the prompt where the tokenizer splits, "
+                      "e.g. after a newline or special token")
+    return Example(*truncate(toks, mask, self.cfg.max_seq_len, self.cfg.truncation, path, line))
 
   def _string_pair(self, prompt, chosen, rejected, path, line, fields):
-    """Prompt + response strings; the prompt's tokens must be a prefix of prompt+response's tokens."""
-    prompt_ids = self.tok.encode(prompt)
-    out = []
-    for resp, field in zip((chosen, rejected), fields):
-      toks, mask = tokenize_segments(self.tok, [(prompt, False), (resp, True)], add_bos=False,
-                                     add_eos=self.cfg.add_eos, answer_only=True)
-      if list(toks[:len(prompt_ids)]) != list(prompt_ids):
-        raise DataError(path, line, field, "the prompt's tokens are not a prefix of the tokens of prompt + "
-                        "response (a token spans the boundary); end the prompt where the tokenizer splits, "
-                        "e.g. after a newline or special token")
-      if self.cfg.add_bos and self.tok.bos_id is not None:
-        toks, mask = np.concatenate([[self.tok.bos_id], toks]).astype(np.int32), np.concatenate([[False], mask])
-      out.append(Example(*truncate(toks, mask, self.cfg.max_seq_len, self.cfg.truncation, path, line)))
-    return out
+    return [self.string_response(prompt, r, path, line, f) for r, f in zip((chosen, rejected), fields)]
 
   def _implicit(self, chosen, rejected, path, line):
     """No prompt given: the response starts where the two token sequences first differ."""
@@ -83,12 +78,12 @@ class PairTokenizer:
       out.append(Example(*truncate(s, mask, self.cfg.max_seq_len, self.cfg.truncation, path, line)))
     return out
 
+  def chat_response(self, prompt_msgs, msgs, path, line) -> Example:
+    segs = self.builder._chat(prompt_msgs + msgs, path, line, trainable_from=len(prompt_msgs))
+    return self.encode(segs, False, path, line)
+
   def _chat_pair(self, prompt_msgs, chosen_msgs, rejected_msgs, path, line):
-    out = []
-    for msgs in (chosen_msgs, rejected_msgs):
-      segs = self.builder._chat(prompt_msgs + msgs, path, line, trainable_from=len(prompt_msgs))
-      out.append(Example(*self._encode(segs, False, path, line)))
-    return out
+    return [self.chat_response(prompt_msgs, m, path, line) for m in (chosen_msgs, rejected_msgs)]
 
   def pair(self, obj: dict, path: str, line: int) -> Pair:
     if "chosen_response" in obj or "rejected_response" in obj:  # NeMo-Aligner DPO
@@ -141,50 +136,17 @@ def _number(obj, key, path, line):
   return float(v)
 
 
-def _collect(path, data_cfg, make):
-  """Run ``make(line, obj)`` over rows; DataErrors stop the load unless data.skip_invalid (then counted)."""
-  out, skipped = [], []
-  for line, obj in read_jsonl(path):
-    try:
-      if isinstance(obj, DataError):
-        raise obj
-      item = make(line, obj)
-      if item is not None:
-        out.append(item)
-    except DataError as e:
-      if not data_cfg.skip_invalid:
-        raise
-      skipped.append(str(e))
-  return out, skipped
-
-
-def _finish(path, items, skipped):
-  if skipped:
-    log.warning("%s: skipped %d invalid rows (data.skip_invalid=True); first: %s", path, len(skipped), skipped[0])
-  if not items:
-    raise DataError(path, 0, None, f"no usable rows ({len(skipped)} skipped)")
-  return items, len(skipped)
-
-
 def _alternating(path, data_cfg, make_pair):
   """NeMo comparisons / HelpSteer pairs: line 2k+1 and 2k+2 form pair k. An odd count is an error."""
   rows = []
   for line, obj in read_jsonl(path):
-    if isinstance(obj, DataError):
+    if isinstance(obj, DataError):  # a broken line would shift every later pair: never skipped
       raise obj
     rows.append((line, obj))
   if len(rows) % 2:
     raise DataError(path, rows[-1][0], None, f"{len(rows)} rows: pair files need an even number of lines "
                     "(line 2k+1 chosen/first, line 2k+2 rejected/second); this last line has no partner")
-  out, skipped = [], []
-  for (l1, o1), (l2, o2) in zip(rows[::2], rows[1::2]):
-    try:
-      out.append(make_pair(l1, o1, l2, o2))
-    except DataError as e:
-      if not data_cfg.skip_invalid:
-        raise
-      skipped.append(str(e))
-  return _finish(path, out, skipped)
+  return finish(path, *collect((a + b for a, b in zip(rows[::2], rows[1::2])), data_cfg, make_pair))
 
 
 def _is_comparison_file(path):
@@ -204,8 +166,7 @@ def load_pairs(path: str, tok: Tokenizer, data_cfg, chat_template="nemo") -> tup
       ex = pt._implicit(c, r, path, l1)
       return Pair(ex[0], ex[1], l1)
     return _alternating(path, data_cfg, make)
-  pairs, skipped = _collect(path, data_cfg, lambda line, obj: pt.pair(obj, path, line))
-  return _finish(path, pairs, skipped)
+  return finish(path, *collect(read_jsonl(path), data_cfg, lambda line, obj: pt.pair(obj, path, line)))
 
 
 # ------------------------------------------------------------------------------------------ reward labels
@@ -237,7 +198,7 @@ def load_regression(path, tok, data_cfg, num_attributes, label_range, chat_templ
 
   def make(line, obj):
     return _single(builder, data_cfg, obj, path, line), _labels(obj, path, line, num_attributes, lo, hi)
-  return _finish(path, *_collect(path, data_cfg, make))
+  return finish(path, *collect(read_jsonl(path), data_cfg, make))
 
 
 def load_helpsteer_pairs(path, tok, data_cfg, num_attributes, chat_template="nemo"):
@@ -286,7 +247,7 @@ def load_unpaired(path, tok, data_cfg, chat_template="nemo"):
       prompt, resp = _str(obj, "prompt", path, line), _str(obj, resp_key, path, line, False)
     return line, prompt, resp, good
 
-  rows, skipped = _finish(path, *_collect(path, data_cfg, make))
+  rows, skipped = finish(path, *collect(read_jsonl(path), data_cfg, make))
   if len(rows) < 2:
     raise DataError(path, 0, None, "KTO needs at least 2 rows (the KL reference pairs each prompt with the "
                     "next row's response)")
@@ -295,8 +256,8 @@ def load_unpaired(path, tok, data_cfg, chat_template="nemo"):
     if isinstance(prompt, list) != isinstance(resp, list):
       raise DataError(path, line, None, "mixes message-list and string rows; use one form per file")
     if isinstance(prompt, list):
-      return pt._chat_pair(prompt, resp, resp, path, line)[0]
-    return pt._string_pair(prompt, resp, resp, path, line, ("response", "response"))[0]
+      return pt.chat_response(prompt, resp, path, line)
+    return pt.string_response(prompt, resp, path, line, "response")
 
   samples, kl, good = [], [], []
   for i, (line, prompt, resp, g) in enumerate(rows):
