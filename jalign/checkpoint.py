@@ -7,11 +7,14 @@ and what a finished run exports to ``WORKDIR/model``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -20,18 +23,29 @@ class CheckpointError(ValueError):
 
 
 class Checkpointer:
+  """A run's checkpoints: ``state`` (the arrays that change during training), ``data`` (iterator state) and
+  ``meta`` (the run's config and digests that resume checks against)."""
+
   def __init__(self, directory: str, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
                                         cleanup_tmp_directories=True)
-    self.mngr = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "data"))
+    self.mngr = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "data", "meta"))
 
   def latest_step(self) -> int | None:
     return self.mngr.latest_step()
 
-  def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
+  def save(self, step: int, state, data_state: dict, meta: dict, force: bool = False) -> bool:
     return self.mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         data=ocp.args.JsonSave(data_state)), force=force)
+                                                         data=ocp.args.JsonSave(data_state),
+                                                         meta=ocp.args.JsonSave(meta)), force=force)
+
+  def read_meta(self, step: int) -> dict:
+    path = os.path.join(self.directory, str(step), "meta")
+    if not os.path.isdir(path):
+      raise CheckpointError(f"{os.path.dirname(path)}: written by an older jalign (no meta); resume with the "
+                            "version that wrote it, or start a new --workdir")
+    return self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore(self, step: int, abstract_state):
     out = self.mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
@@ -75,10 +89,50 @@ def release_freed_memory():
     pass
 
 
+@jax.jit
+def _digest_words(x):
+  """Two uint32 words of a tensor's exact bits: their sum and a position-weighted sum (both mod 2**32). Integer
+  sums do not depend on reduction order, so the digest is the same however the tensor is sharded."""
+  bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32))
+  bits = bits.reshape(-1).astype(jnp.uint32)
+  pos = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+  return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * pos, dtype=jnp.uint32)])
+
+
+def tensor_digest(x) -> str:
+  """Content digest of one tensor (dtype, shape and exact values)."""
+  words = np.asarray(jax.device_get(_digest_words(x)))
+  return f"{jnp.dtype(x.dtype).name}{list(x.shape)}:{int(words[0]):08x}{int(words[1]):08x}"
+
+
+def tree_digest(tree) -> str:
+  """Content digest of a params tree: names, dtypes, shapes and exact values of every tensor."""
+  h = hashlib.sha256()
+  for name, x in flatten(tree):
+    h.update(f"{name}={tensor_digest(x)};".encode())
+  return h.hexdigest()[:32]
+
+
+def fingerprint(path: str) -> str:
+  """Content digest of a model directory: its architecture and every tensor's digest (recorded in
+  ``params/index.json`` when the directory was written; computed from the tensors for directories without)."""
+  model_dir = resolve_model_dir(path)
+  with open(os.path.join(model_dir, "params", "index.json")) as f:
+    index = json.load(f)
+  h = hashlib.sha256(json.dumps(read_model_config(model_dir), sort_keys=True).encode())
+  for name in sorted(index):
+    digest = index[name].get("digest")
+    if digest is None:
+      target = jax.ShapeDtypeStruct(tuple(index[name]["shape"]), jnp.dtype(index[name]["dtype"]))
+      digest = tensor_digest(load_tensor(model_dir, name, target))
+    h.update(f"{name}={digest};".encode())
+  return h.hexdigest()[:32]
+
+
 def save_model(directory: str, params, model_cfg_dict: dict, tokenizer_files=()):
   """Write a model directory: ``params/<name>/`` (one Orbax checkpoint per tensor, so a converter can stream
-  tensors through without holding the model), ``params/index.json``, ``model_config.json`` and tokenizer files.
-  ``params`` is a nested dict or an iterable of (dotted name, array)."""
+  tensors through without holding the model), ``params/index.json`` (shape, dtype and content digest per tensor),
+  ``model_config.json`` and tokenizer files. ``params`` is a nested dict or an iterable of (dotted name, array)."""
   directory = os.path.abspath(directory)
   params_dir = os.path.join(directory, "params")
   main = jax.process_index() == 0
@@ -90,7 +144,7 @@ def save_model(directory: str, params, model_cfg_dict: dict, tokenizer_files=())
     # a synchronous checkpointer per tensor: nothing is kept alive between tensors
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
       ckptr.save(os.path.join(params_dir, name), args=ocp.args.StandardSave({"x": arr}), force=True)
-    index[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype)}
+    index[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "digest": tensor_digest(arr)}
     del arr
     release_freed_memory()
   if main:

@@ -81,7 +81,10 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=sharding.DEFAULT_RULES))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=3, async_save=True))
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=100, keep=3, async_save=True,
+      force_resume=False,  # resume even when the config or training data changed since the checkpoint
+  ))
   c.eval = ml_collections.ConfigDict(dict(every_steps=50, max_batches=0, num_samples=0, max_new_tokens=32))
   c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=1, process_id=0,
                                                  timeout_s=300))
@@ -239,6 +242,14 @@ def validate(cfg):
     raise ConfigError(f"optim.schedule={o.schedule!r}: choose cosine, linear or constant")
   if cfg.tokenizer.chat_template not in ("nemo", "hf"):
     raise ConfigError(f"tokenizer.chat_template={cfg.tokenizer.chat_template!r}: choose nemo or hf")
+  if "{output}" not in d.prompt_template:
+    raise ConfigError(f"data.prompt_template={d.prompt_template!r} has no {{output}} placeholder "
+                      "(NeMo's default is '{input} {output}')")
+  try:
+    d.prompt_template.format(input="", output="")
+  except (KeyError, IndexError, ValueError) as e:
+    raise ConfigError(f"data.prompt_template={d.prompt_template!r}: only {{input}} and {{output}} may appear "
+                      f"in braces ({type(e).__name__}: {e})") from None
   if d.max_seq_len < 2:
     raise ConfigError(f"data.max_seq_len must be >= 2, got {d.max_seq_len}")
 

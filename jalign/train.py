@@ -89,6 +89,13 @@ def run(cfg, workdir: str, on_step=None) -> dict:
   pid, nproc = jax.process_index(), jax.process_count()
   main_proc = pid == 0
   workdir = os.path.abspath(workdir)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep,
+                                 cfg.checkpoint.async_save)
+  start_step = ckpt.latest_step() or 0
+  data_digest = file_digest(cfg.data.train_path) if cfg.data.train_path else ""
+  resume_meta = ckpt.read_meta(start_step) if start_step else None
+  if start_step:
+    check_resume(resume_meta, cfg, data_digest, start_step)
   if main_proc:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -101,6 +108,9 @@ def run(cfg, workdir: str, on_step=None) -> dict:
   tok_path = cfg.tokenizer.path or (checkpoint.resolve_model_dir(cfg.model.checkpoint) if cfg.model.checkpoint
                                     else "")
   tok = data.load_tokenizer(tok_path)
+  if cfg.tokenizer.chat_template == "hf" and not tok.chat_template:
+    raise config_lib.ConfigError(f"tokenizer.chat_template=hf but the tokenizer ({tok.path}) has no chat "
+                                 "template in tokenizer_config.json; use tokenizer.chat_template=nemo")
   if tok.vocab_size > model_cfg.vocab_size:
     raise config_lib.ConfigError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size="
                                  f"{model_cfg.vocab_size}")
@@ -117,8 +127,11 @@ def run(cfg, workdir: str, on_step=None) -> dict:
   gb = cfg.train.global_batch_size
 
   # ---- mesh, shardings
-  mesh = sharding.make_mesh(cfg.mesh)
-  rules = sharding.rules_from_config(cfg.mesh.rules)
+  try:
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.rules_from_config(cfg.mesh.rules)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"{e} (mesh.data, mesh.fsdp, mesh.tensor, mesh.rules)") from None
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   mbs = cfg.train.micro_batch_size or gb // dp
   if gb % (mbs * dp):
@@ -156,20 +169,23 @@ def run(cfg, workdir: str, on_step=None) -> dict:
   state_sh = trainer.state_shardings(abstract, axes, mesh, rules, optimizer)
   param_sh = {**state_sh["frozen"], **state_sh["params"]}
 
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep,
-                                 cfg.checkpoint.async_save)
-  start_step = ckpt.latest_step() or 0
   rng = jax.random.PRNGKey(cfg.seed)
   traced = functools.partial(sharding.bind, mesh=mesh, rules=rules)
 
   base_abs = {k: jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                               shapes[k], param_sh[k]) for k in base_keys}
 
-  def initial_state():
-    base = checkpoint.load_params(cfg.model.checkpoint, base_abs) if cfg.model.checkpoint else None
+  def initial_state(frozen_only=False):
+    """The starting state; ``frozen_only``: just the frozen weights (what a checkpoint does not store)."""
+    copies_start = ref_mode == "copy" and not cfg.model.reference_checkpoint  # the reference is the start
+    keys = [k for k in base_keys if k in abstract["frozen"] or copies_start] if frozen_only else base_keys
+    base = (checkpoint.load_params(cfg.model.checkpoint, {k: base_abs[k] for k in keys})
+            if cfg.model.checkpoint and keys else None)
     ref = None
     if cfg.model.reference_checkpoint and ref_mode == "copy":
       ref = checkpoint.load_params(cfg.model.reference_checkpoint, base_abs, optional=("value_head", "lm_head"))
+    if frozen_only:
+      return jax.jit(lambda *a: init_state(*a)["frozen"], out_shardings=state_sh["frozen"])(rng, base, ref)
     return jax.jit(init_state, out_shardings=state_sh)(rng, base, ref)
 
   state = None
@@ -191,19 +207,31 @@ def run(cfg, workdir: str, on_step=None) -> dict:
 
     cache = os.path.join(workdir, "reference_logps.npz")
     named = {"train": rows, **({"eval": eval_rows} if eval_rows is not None else {})}
-    source = f"{cfg.model.checkpoint}|{cfg.model.reference_checkpoint}|seed={cfg.seed}"
+    source = weights_source(cfg, model_cfg)
     for name, r in reference_cache(cache, named, source, main_proc, compute).items():
       named[name]["ref_logps"] = r
 
   train_ds = data.train_dataset(rows, global_batch=gb, seed=cfg.seed, shuffle=cfg.data.shuffle,
                                 process_index=pid, process_count=nproc)
   data_iter = iter(train_ds)
-  if start_step:
-    state, data_state = ckpt.restore(start_step, trainer.abstract_with_shardings(abstract, state_sh))
+  if start_step:  # checkpoints hold what training changes; the frozen weights are rebuilt from their source
+    saved_abs = trainer.abstract_with_shardings({k: v for k, v in abstract.items() if k != "frozen"},
+                                                {k: v for k, v in state_sh.items() if k != "frozen"})
+    state, data_state = ckpt.restore(start_step, saved_abs)
+    state["frozen"] = initial_state(frozen_only=True)
     data_iter.set_state(data_state)
-    log.info("resumed from %s/checkpoints/%d", workdir, start_step)
   elif state is None:
     state = initial_state()
+  frozen_digest = checkpoint.tree_digest(state["frozen"])
+  if start_step and frozen_digest != resume_meta["frozen_digest"]:
+    raise checkpoint.CheckpointError(
+        f"the frozen weights rebuilt from model.checkpoint={cfg.model.checkpoint!r} / model.reference_checkpoint="
+        f"{cfg.model.reference_checkpoint!r} are not those checkpoint {start_step} was trained with (they changed "
+        "since); restore them or start a new --workdir")
+  if start_step:
+    log.info("resumed from %s/checkpoints/%d", workdir, start_step)
+  ckpt_meta = {"config": json.loads(config_lib.to_json(cfg)), "data_digest": data_digest,
+               "frozen_digest": frozen_digest}
 
   # ---- steps
   loss_fn = algo.make_loss(cfg, model_cfg)
@@ -252,7 +280,7 @@ def run(cfg, workdir: str, on_step=None) -> dict:
     state, step, reason = trainer.run(
         state=state, train_step=train_step, eval_fn=eval_fn if eval_rows is not None else None,
         data_iter=data_iter, batch_shardings=batch_sh, max_steps=cfg.train.max_steps, start_step=start_step,
-        checkpointer=ckpt, ckpt_every=cfg.checkpoint.every_steps, eval_every=cfg.eval.every_steps,
+        checkpointer=ckpt, ckpt_meta=ckpt_meta, ckpt_every=cfg.checkpoint.every_steps, eval_every=cfg.eval.every_steps,
         writer=writer, progress=progress, global_batch=gb, seq_len=int(np.prod(rows["tokens"].shape[1:])),
         flops_per_token=transformer.flops_per_token(model_cfg, T), peak_flops=peak,
         on_step=on_step)
@@ -337,6 +365,60 @@ def reference_cache(path, named_rows, source, write, compute):
     np.savez(tmp, **cached)
     os.replace(tmp, path)
   return out
+
+
+# Keys that may change between a run and its resume: logging, evaluation, checkpoint cadence, layout and
+# numerics-preserving implementation choices. ``train.max_steps`` is allowed too (the schedule is recomputed).
+RESUME_SAFE = ("train.max_steps", "train.log_every", "train.peak_tflops", "train.micro_batch_size", "eval.",
+               "checkpoint.", "distributed.", "mesh.", "model.remat", "model.scan_unroll", "model.attention",
+               "model.logprob_chunk", "data.eval_path")
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def check_resume(meta, cfg, data_digest, step):
+  """Refuse to resume under a config (or training data) that differs from the checkpoint's in a key that changes
+  what is trained, unless ``checkpoint.force_resume``; note the changes that are safe."""
+  old, new = _flat(meta["config"]), _flat(json.loads(config_lib.to_json(cfg)))
+  changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+  unsafe = [k for k in changed if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_SAFE)]
+  desc = [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in unsafe]
+  if meta.get("data_digest") != data_digest:
+    desc.append(f"the contents of data.train_path ({cfg.data.train_path})")
+  if desc and not cfg.checkpoint.force_resume:
+    raise config_lib.ConfigError(
+        f"checkpoint {step} was written with a different config: {', '.join(desc)}; resume with the original "
+        "values, use a new --workdir, or pass --config.checkpoint.force_resume=True to continue anyway")
+  if desc:
+    log.warning("resuming from step %d despite changes (checkpoint.force_resume): %s", step, ", ".join(desc))
+  if "train.max_steps" in changed:
+    log.warning("train.max_steps changed %s -> %s: the learning-rate schedule is recomputed for the new length",
+                old.get("train.max_steps"), new.get("train.max_steps"))
+
+
+def file_digest(path: str) -> str:
+  import hashlib
+  if not os.path.exists(path):
+    return ""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      h.update(chunk)
+  return h.hexdigest()[:32]
+
+
+def weights_source(cfg, model_cfg) -> str:
+  """What the reference log-probs depend on besides the data: the starting and reference weights' contents
+  (random init: the seed), the architecture and dtypes."""
+  from jalign import checkpoint
+  start = checkpoint.fingerprint(cfg.model.checkpoint) if cfg.model.checkpoint else f"init seed={cfg.seed}"
+  ref = checkpoint.fingerprint(cfg.model.reference_checkpoint) if cfg.model.reference_checkpoint else ""
+  return json.dumps({"start": start, "reference": ref, "model": model_cfg.to_dict()}, sort_keys=True, default=str)
 
 
 def main(argv=None) -> int:

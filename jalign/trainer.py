@@ -8,7 +8,6 @@ on the micro-batch split. It is jitted with explicit in/out shardings and the st
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import time
 
@@ -100,12 +99,20 @@ def make_train_step(loss_fn, optimizer, schedule, n_micro: int, finalize=None):
     grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                 "frozen": frozen, "opt_state": opt_state, "rng": rng}
+    new_params = optax.apply_updates(params, updates)
     metrics = {k: v / denom for k, v in msums.items()}
     if finalize is not None:
       metrics = finalize(metrics)
-    metrics.update(grad_norm=grad_norm, lr=schedule(state["step"]), weight=weight)
+    # A step whose loss, gradient or updated weights are not finite leaves the state as it was, so a non-finite
+    # state is never saved; the loop stops on ``finite=False``.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    for x in jax.tree.leaves(new_params):
+      finite &= jnp.all(jnp.isfinite(x))
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = {"step": jnp.where(finite, state["step"] + 1, state["step"]),
+                 "params": keep(new_params, params), "frozen": frozen,
+                 "opt_state": keep(opt_state, state["opt_state"]), "rng": keep(rng, state["rng"])}
+    metrics.update(grad_norm=grad_norm, lr=schedule(state["step"]), weight=weight, finite=finite)
     return new_state, metrics
 
   return step
@@ -174,7 +181,7 @@ def to_global(local_batch: dict, batch_shardings: dict) -> dict:
 
 
 def run(*, state, train_step, eval_fn, data_iter, batch_shardings, max_steps: int, start_step: int,
-        checkpointer, ckpt_every: int, eval_every: int, writer, progress, global_batch: int, seq_len: int,
+        checkpointer, ckpt_every: int, ckpt_meta: dict | None = None, eval_every: int, writer, progress, global_batch: int, seq_len: int,
         flops_per_token: float = 0.0, peak_flops: float = 0.0, on_step=None):
   """Run steps start_step+1 .. max_steps. Returns (state, final step, stop reason)."""
   consumed = start_step * global_batch
@@ -189,16 +196,18 @@ def run(*, state, train_step, eval_fn, data_iter, batch_shardings, max_steps: in
       m = jax.device_get(m)
       dt = time.perf_counter() - t0
       loss = float(m["loss"])
-      if not math.isfinite(loss):
+      if not bool(m["finite"]):
         if checkpointer is not None:
           checkpointer.wait()
-        raise NonFiniteLoss(f"loss is {loss} at step {step}; stopping. The last good checkpoint "
-                            f"(step {last_saved}) is intact.")
+        where = (f"the last good checkpoint (step {last_saved}) is intact" if last_saved else
+                 "no checkpoint was written yet")
+        raise NonFiniteLoss(f"non-finite step {step} (loss={loss}, grad_norm={float(m['grad_norm'])}); stopping "
+                            f"with the weights of step {step - 1}: {where}.")
       consumed += global_batch
       tokens_per_sec = global_batch * seq_len / dt
       metrics = {"loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]), "step_time": dt,
                  "consumed_samples": consumed, "tokens_per_sec": tokens_per_sec,
-                 **{k: float(v) for k, v in m.items() if k not in ("loss", "lr", "grad_norm", "weight")}}
+                 **{k: float(v) for k, v in m.items() if k not in ("loss", "lr", "grad_norm", "weight", "finite")}}
       if flops_per_token and peak_flops:
         metrics["mfu"] = flops_per_token * tokens_per_sec / peak_flops
       writer.write(step, metrics)
@@ -211,7 +220,9 @@ def run(*, state, train_step, eval_fn, data_iter, batch_shardings, max_steps: in
         on_step(step, metrics)
       stop = _any_process(pre.requested)
       if checkpointer is not None and (step % ckpt_every == 0 or step == max_steps or stop):
-        checkpointer.save(step, state, data_iter.get_state(), force=True)
+        # frozen weights are not saved: resume rebuilds them from their source
+        saved = {k: v for k, v in state.items() if k != "frozen"}
+        checkpointer.save(step, saved, data_iter.get_state(), ckpt_meta or {}, force=True)
         last_saved = step
       if stop:
         reason = "preempted"
