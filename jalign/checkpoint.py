@@ -123,7 +123,8 @@ def fingerprint(path: str) -> str:
   for name in sorted(index):
     digest = index[name].get("digest")
     if digest is None:
-      target = jax.ShapeDtypeStruct(tuple(index[name]["shape"]), jnp.dtype(index[name]["dtype"]))
+      target = jax.ShapeDtypeStruct(tuple(index[name]["shape"]), jnp.dtype(index[name]["dtype"]),
+                                    sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
       digest = tensor_digest(load_tensor(model_dir, name, target))
     h.update(f"{name}={digest};".encode())
   return h.hexdigest()[:32]

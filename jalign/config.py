@@ -51,8 +51,13 @@ def base_config() -> ml_collections.ConfigDict:
       answer_only_loss=True,
       packing=False,
       skip_invalid=False,   # skip (and count) bad rows instead of stopping
-      add_bos=False, add_eos=True,
+      add_bos=False,
+      add_eos=True,  # EOS after SFT string rows (input/output, prompt/completion, text), as NeMo's SFT and TRL
+      append_eod=False,  # EOS after NeMo-format DPO/KTO/RM rows, NeMo-Aligner's key (TRL rows follow TRL)
       prompt_template="{input} {output}",  # NeMo prompt/response template
+      chat_prompt_tokens=ml_collections.ConfigDict(dict(  # NeMo's chat tokens (tokenizer.chat_template=nemo)
+          system_turn_start="<extra_id_0>", turn_start="<extra_id_1>", label_start="<extra_id_2>",
+          end_of_turn="\n", end_of_name="\n")),
       shuffle=True,
   ))
 

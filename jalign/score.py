@@ -13,7 +13,8 @@ accuracy per subset, section scores and the overall score, and writes them to ``
 ``--reference REF``: score with a DPO policy's implicit reward, sum log pi(response) - sum log pi_ref(response),
 instead of a reward head (as RewardBench evaluates DPO models).
 
-Tokenisation settings (``data.add_bos``, ``data.add_eos``, ``data.max_seq_len``, ``tokenizer.chat_template``)
+Tokenisation settings (``data.add_bos``, ``add_eos``, ``append_eod``, ``max_seq_len``, ``prompt_template``,
+``chat_prompt_tokens``, ``tokenizer.chat_template``)
 come from the training run's ``config.json`` when the checkpoint is a run (or a run's ``model/``); flags override.
 """
 from __future__ import annotations
@@ -40,13 +41,17 @@ def _run_config(checkpoint: str):
   return None
 
 
+# what decides how a run tokenised its rows, read back from its config.json
+RUN_DATA_KEYS = ("add_bos", "add_eos", "append_eod", "max_seq_len", "prompt_template", "chat_prompt_tokens")
+
+
 def data_settings(args):
   from jalign import config as config_lib
   d = config_lib.base_config().data
   template = "nemo"
   run = _run_config(args.checkpoint)
   if run:
-    d.update({k: run["data"][k] for k in ("add_bos", "add_eos", "max_seq_len") if k in run["data"]})
+    d.update({k: run["data"][k] for k in RUN_DATA_KEYS if k in run["data"]})
     template = run.get("tokenizer", {}).get("chat_template", template)
   for k in ("add_bos", "add_eos", "max_seq_len"):
     if getattr(args, k) is not None:
@@ -141,7 +146,10 @@ def tokenize_rows(path, tok, data_cfg, chat_template, rewardbench=False):
       pair = pt.pair(obj, path, line)
       out.append((obj, "pair", [pair.chosen, pair.rejected]))
     else:  # the mask marks the response (all of a plain text), used by implicit rewards
-      out.append((obj, "single", [pt.encode(*pt.builder.segments(obj, path, line), path, line)]))
+      segs, eos = pt.builder.segments(obj, path, line)
+      if "text" in obj:  # NeMo-Aligner reward-model rows: an EOS only with data.append_eod, as in training
+        eos = data_cfg.append_eod
+      out.append((obj, "single", [pt.encode(segs, eos, path, line)]))
   return out
 
 

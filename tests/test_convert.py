@@ -148,6 +148,63 @@ def test_cli(tmp_path):
   assert main(["hf-to-jalign", str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
 
 
+def _regression_rm(directory):
+  """The SFT quickstart model with a random 3-attribute value head whose bias is non-zero."""
+  from jalign import checkpoint
+  cfg, params, meta = convert.read_jalign_dir("examples/tiny_sft_model")
+  rng = np.random.RandomState(0)
+  bias = np.array([0.75, -1.25, 2.5], np.float32)
+  params["value_head"] = {"w": rng.normal(0, 0.1, (cfg.hidden_size, 3)).astype(np.float32), "b": bias}
+  checkpoint.save_model(directory, params, dict(meta, num_value_heads=3))
+  shutil.copy("examples/tiny_sft_model/tokenizer.model", directory)
+  return bias
+
+
+def _scores(checkpoint, rows_path, out_path):
+  from jalign import score
+  assert score.main(["--checkpoint", checkpoint, "--input", rows_path, "--output", out_path, "--add-bos", "true",
+                     "--add-eos", "false"]) == 0
+  return np.array([json.loads(ln)["reward"] for ln in open(out_path)])
+
+
+def test_value_head_bias_is_recorded_on_export(tmp_path, capsys):
+  """HF's `score` layer has no bias: jalign-to-hf refuses a non-zero one unless --drop-bias, which records it in
+  config.json; transformers' logits plus it, and jalign.score of the exported directory, equal the original's."""
+  from jalign.convert.__main__ import main
+  from jalign.data import load_tokenizer
+  rm = str(tmp_path / "rm")
+  bias = _regression_rm(rm)
+  texts = ["what is 2+3? 5.", "reverse abc: cba.", "what is 7+1? 9.", "hello"]
+  rows = tmp_path / "rows.jsonl"
+  rows.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+  want = _scores(rm, str(rows), str(tmp_path / "want.jsonl"))
+  assert want.shape == (4, 3)
+
+  hf_dir = str(tmp_path / "hf")
+  capsys.readouterr()
+  assert main(["jalign-to-hf", rm, hf_dir]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("jalign.convert: error: ") and err.count("\n") == 1 and "--drop-bias" in err
+  assert not os.path.exists(hf_dir)
+  assert main(["jalign-to-hf", rm, hf_dir, "--drop-bias"]) == 0
+
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(hf_dir, dtype=torch.float32).eval()
+  assert type(model).__name__ == "LlamaForSequenceClassification"
+  recorded = np.array(model.config.jalign_value_head_bias)
+  np.testing.assert_array_equal(recorded, bias)
+  tok = load_tokenizer(rm)
+  for text, w in zip(texts, want):
+    with torch.no_grad():
+      logits = model(torch.tensor([[tok.bos_id] + tok.encode(text)])).logits[0].numpy()
+    np.testing.assert_allclose(logits + recorded, w, atol=1e-5, rtol=0)
+
+  back = str(tmp_path / "back")
+  assert main(["hf-to-jalign", hf_dir, back]) == 0
+  np.testing.assert_array_equal(convert.read_jalign_dir(back)[1]["value_head"]["b"], bias)
+  for ckpt in (hf_dir, back):
+    np.testing.assert_allclose(_scores(ckpt, str(rows), str(tmp_path / "got.jsonl")), want, atol=1e-5, rtol=0)
+
+
 def _tiny_tokenizer(directory, vocab_size):
   """A WordPiece-free character-level tokenizer.json (+ config) of at most ``vocab_size`` tokens."""
   from tokenizers import Tokenizer, models, pre_tokenizers, decoders

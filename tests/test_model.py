@@ -9,10 +9,10 @@ from hf_reference import jalign_from_hf, tiny_hf_model
 from jalign.models import ModelConfig, forward, init_params, lora
 from jalign.models import transformer
 
-torch = pytest.importorskip("torch")
 
 
 def _hf_logits(model, tokens):
+  torch = pytest.importorskip("torch")
   with torch.no_grad():
     return model(torch.tensor(tokens)).logits.numpy()
 
@@ -27,6 +27,7 @@ def _hf_logits(model, tokens):
     ("mistral", {"sliding_window": 5}),     # sliding-window attention
 ])
 def test_logits_match_transformers(kind, overrides):
+  pytest.importorskip("torch")
   model = tiny_hf_model(kind, **overrides)
   cfg, params = jalign_from_hf(model)
   tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 24))

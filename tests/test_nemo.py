@@ -17,6 +17,7 @@ import jalign  # noqa: E402
 from jalign import convert  # noqa: E402
 from jalign.convert import nemo as nemo_lib  # noqa: E402
 
+from hf_reference import tiny_hf_model  # noqa: E402
 from test_convert import build_hf  # noqa: E402
 
 TOKENIZER = "examples/tiny_model/tokenizer.model"
@@ -56,7 +57,7 @@ def model_config_yaml(model):
           "encoder_seq_length": 128, "max_position_embeddings": 128, "normalization": "rmsnorm",
           "layernorm_epsilon": c.rms_norm_eps, "activation": "fast-swiglu", "position_embedding_type": "rope",
           "rotary_base": 10000, "rotary_percentage": 1.0, "bias": False,
-          "share_embeddings_and_output_weights": False,
+          "share_embeddings_and_output_weights": False, "make_vocab_size_divisible_by": 128,
           "tokenizer": {"library": "sentencepiece", "type": None, "model": "nemo:a1b2c3_tokenizer.model"}}
 
 
@@ -81,20 +82,30 @@ def tp_split(sd, tp, G_plus_2, d):
   return ranks
 
 
-def write_nemo(model, root, layout, as_tar=True):
+def pad_vocab(sd, rows):
+  """Megatron's padded vocabulary: embedding and output rows past the real ones (random here, so that rows kept
+  by mistake change the logits' shape and values)."""
+  rng = np.random.RandomState(1)
+  for k in ("embedding.word_embeddings.weight", "output_layer.weight"):
+    v = sd[k]
+    sd[k] = np.concatenate([v, rng.normal(0, 1, (rows - len(v), v.shape[1])).astype(v.dtype)])
+
+
+def write_nemo(model, root, layout, as_tar=True, padded_vocab=None):
   d = os.path.join(root, f"{layout}_dir")
   os.makedirs(d)
   with open(os.path.join(d, "model_config.yaml"), "w") as f:
     yaml.safe_dump(model_config_yaml(model), f)
   shutil.copy(TOKENIZER, os.path.join(d, "a1b2c3_tokenizer.model"))
   sd = mcore_state_dict(model)
+  if padded_vocab:
+    pad_vocab(sd, padded_vocab)
   to_torch = lambda s: {"model." + k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in s.items()}
   if layout == "legacy":
     torch.save(to_torch(sd), os.path.join(d, "model_weights.ckpt"))
   elif layout == "tp2":
     c = model.config
-    for k in ("embedding.word_embeddings.weight", "output_layer.weight"):  # Megatron pads the vocab to TP
-      sd[k] = np.concatenate([sd[k], np.zeros((1, sd[k].shape[1]), sd[k].dtype)])
+    pad_vocab(sd, -(-len(sd["output_layer.weight"]) // 2) * 2)  # at least a multiple of TP
     G = c.num_attention_heads // c.num_key_value_heads
     for r, shard in enumerate(tp_split(sd, 2, G + 2, c.hidden_size // c.num_attention_heads)):
       os.makedirs(os.path.join(d, f"mp_rank_{r:02d}"))
@@ -148,6 +159,28 @@ def test_nemo_matches_hf_logits(hf_llama, tmp_path, layout, as_tar):
     want = hf_llama(torch.tensor(tokens)).logits.numpy()
   for loaded in (jalign.load(dst), jalign.load(src)):
     got = np.asarray(loaded(tokens))[..., :want.shape[-1]]  # a padded vocab adds columns
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("layout", ["legacy", "tp2", "dist"])
+def test_padded_vocab_rows_are_dropped(tmp_path, layout):
+  """Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by x TP (320 -> 512 at 128 x 2):
+  only the tokenizer's rows are converted, and their logits are the HF model's."""
+  import sentencepiece as spm
+  vocab = spm.SentencePieceProcessor(model_file=TOKENIZER).get_piece_size()
+  assert vocab == 320
+  model = tiny_hf_model("llama", vocab_size=vocab)
+  src = write_nemo(model, str(tmp_path), layout, padded_vocab=512)
+  cfg, params, _ = convert.read_nemo(src)
+  assert cfg.vocab_size == vocab and params["embed"].shape == (vocab, 64) and params["lm_head"].shape == (64, vocab)
+  tokens = np.random.RandomState(0).randint(0, vocab, (2, 16))
+  with torch.no_grad():
+    want = model(torch.tensor(tokens)).logits.numpy()
+  dst = str(tmp_path / "jalign")
+  convert.nemo_to_jalign(src, dst)
+  for loaded in (jalign.load(dst), jalign.load(src)):
+    got = np.asarray(loaded(tokens))
+    assert got.shape == want.shape
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
 
 

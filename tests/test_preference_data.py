@@ -46,7 +46,7 @@ def test_nemo_dpo_strings(sp, tmp_path):
   assert (pair.chosen_reward, pair.rejected_reward, pair.margin) == (4.0, 1.0, 0.0)
   # defaults as NeMo-Aligner's data.default_chosen_reward / default_rejected_reward
   path = write(tmp_path, [{"prompt": P, "chosen_response": "5", "rejected_response": "6"}])
-  (pair,), _ = preference.load_pairs(path, sp, data_cfg(add_eos=True))
+  (pair,), _ = preference.load_pairs(path, sp, data_cfg(append_eod=True))
   assert (pair.chosen_reward, pair.rejected_reward) == (1.0, 0.0)
   assert pair.chosen.tokens[-1] == sp.eos_id and pair.chosen.loss_mask[-1]
 
@@ -57,7 +57,8 @@ def test_nemo_dpo_chat_matches_string_form(sp, tmp_path):
           "rejected_response": {"role": "assistant", "content": "6"}}
   (pair,), _ = preference.load_pairs(write(tmp_path, [chat]), sp, data_cfg())
   assert sp.decode(pair.chosen.tokens) == P + "5\n<extra_id_1>"
-  assert response(sp, pair.chosen) == "5\n<extra_id_1>"  # the assistant header is prompt, not response
+  # as NeMo-Aligner: the prompt conversation ends after the user turn, so the assistant header is response
+  assert response(sp, pair.chosen) == "<extra_id_1>Assistant\n5\n<extra_id_1>"
 
 
 def test_trl_formats(sp, tmp_path):

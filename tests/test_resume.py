@@ -270,3 +270,34 @@ def test_non_finite_exits_3_and_sigterm_exits_143(tmp_path, small_data):
   assert proc.returncode == 143, err[-3000:]
   stopped = [int(s) for s in os.listdir(wd / "checkpoints") if s.isdigit()]
   assert len(stopped) == 1 and stopped[0] >= 2 and f"stopped (preempted) at step {stopped[0]}" in out + err
+
+
+@pytest.fixture(scope="module")
+def messages_data(tmp_path_factory):
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+  d = tmp_path_factory.mktemp("hf_chat")
+  rows = [{"messages": [{"role": "user", "content": f"What is {i}+1?"},
+                        {"role": "assistant", "content": f"{i + 1}"}]} for i in range(16)]
+  with open(d / "train.jsonl", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.train_from_iterator([json.dumps(r) for r in rows] * 5, trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.save(str(d / "tokenizer.json"))
+  return d
+
+
+@pytest.mark.parametrize("template, pattern", [
+    ("{% for m in messages %}{{ m.content }}", r"chat template: TemplateSyntaxError"),
+    ("{% for m in messages %}{{ m.content + 1 }}{% endfor %}", r"chat template: TypeError"),
+    ("{{ raise_exception('system message required') }}", r"chat template: system message required"),
+])
+def test_chat_template_that_fails_to_render_is_one_line(tmp_path, messages_data, template, pattern):
+  tok_dir = tmp_path / "tok"
+  shutil.copytree(messages_data, tok_dir)
+  with open(tok_dir / "tokenizer_config.json", "w") as f:
+    json.dump({"bos_token": "<s>", "eos_token": "</s>", "chat_template": template}, f)
+  res = cli(tmp_path / "wd", f"--config.data.train_path={tok_dir / 'train.jsonl'}",
+            f"--config.tokenizer.path={tok_dir}", "--config.tokenizer.chat_template=hf")
+  assert_one_line_error(res, 2, r"train.jsonl:1: field 'messages': " + pattern)

@@ -112,17 +112,23 @@ def test_init_from_model_checkpoint(reference, tmp_path):
   assert set(summary["state"]["params"]) == {"lora"}  # only adapters are trained
 
 
-def test_two_processes_match_single_process(reference, tmp_path):
+def run_two_processes(config, workdir, overrides):
+  """``python -m jalign.train`` as two processes of 2 CPU devices each; returns their outputs."""
   port = portpicker.pick_unused_port()
-  wd = str(tmp_path / "mp")
   env = dict(os.environ, XLA_FLAGS="", JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu")
-  args = [sys.executable, "-m", "jalign.train", "--config", "configs/sft_tiny.py", "--workdir", wd,
+  args = [sys.executable, "-m", "jalign.train", "--config", config, "--workdir", workdir,
           f"--config.distributed.coordinator_address=127.0.0.1:{port}", "--config.distributed.num_processes=2"]
-  args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  args += [f"--config.{k}={v}" for k, v in overrides.items()]
   procs = [subprocess.Popen(args + [f"--config.distributed.process_id={i}"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], outs
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-4000:] for o in outs)
+  return outs
+
+
+def test_two_processes_match_single_process(reference, tmp_path):
+  wd = str(tmp_path / "mp")
+  outs = run_two_processes("configs/sft_tiny.py", wd, OVERRIDES)
   assert "2 process(es)" in outs[0]
   ref, got = losses(reference), losses(wd)
   np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)], rtol=2e-5)
@@ -136,3 +142,25 @@ def test_config_errors_name_the_key():
     make_cfg(**{"train.max_steps": "ten"})
   with pytest.raises(config_lib.ConfigError, match="global_batch_size=8 is not a multiple"):
     make_cfg(**{"train.micro_batch_size": "3"})
+
+
+def test_precomputed_reference_with_two_processes(tmp_path):
+  """Each process computes the reference log-probs of its own rows; the cache written by two processes holds
+  every row's values in file order, as one process computes them (44 pairs: the last global batch is partial)."""
+  data = str(tmp_path / "pairs.jsonl")
+  with open("examples/data/dpo_train.jsonl") as f:
+    lines = f.readlines()[:44]
+  with open(data, "w") as f:
+    f.writelines(lines)
+  over = {"reference": "precomputed", "data.train_path": data, "data.eval_path": "", "train.max_steps": "1",
+          "train.global_batch_size": "8", "eval.num_samples": "0", "eval.every_steps": "0"}
+  cfg = config_lib.base_config()
+  config_lib._merge(cfg, config_lib.load_config_file("configs/dpo_quickstart.py"))
+  config_lib.apply_overrides(cfg, over)
+  one = str(tmp_path / "one")
+  train.run(cfg, one)
+  two = str(tmp_path / "two")
+  run_two_processes("configs/dpo_quickstart.py", two, over)
+  with np.load(os.path.join(one, "reference_logps.npz")) as a, np.load(os.path.join(two, "reference_logps.npz")) as b:
+    assert a["train"].shape == (44, 2) and np.all(a["train"] < 0)
+    np.testing.assert_allclose(b["train"], a["train"], rtol=1e-5)

@@ -2,9 +2,13 @@
 
 Each batch row holds a sample (prompt + response, desirable or not) and its KL sample (the same prompt with
 another row's response). With rho = log pi - log pi_ref (summed over response tokens) and the reference point
-z = max(0, mean rho(KL samples)) over the (micro-)batch, detached:
+z = max(0, mean rho(KL samples)), detached:
 desirable ``lambda_D * (1 - sigmoid(beta (rho - z)))``, undesirable ``lambda_U * (1 - sigmoid(beta (z - rho)))``;
 the loss is the mean over samples. Rewards are logged unscaled (rho), as NeMo-Aligner does.
+
+z is taken over what one ``loss_fn`` call sees: a micro-batch (all data-parallel ranks together), as in
+NeMo-Aligner. So KTO is the one algorithm whose training loss depends on ``train.micro_batch_size``: with gradient
+accumulation each sample is measured against its own micro-batch's z, and the logged ``kl`` is the mean of those z.
 """
 from __future__ import annotations
 

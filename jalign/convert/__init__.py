@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 
@@ -108,8 +107,26 @@ def read_jalign_dir(path: str):
   return cfg, jax.device_get(params), meta
 
 
-def jalign_to_hf(src: str, dst: str, family: str | None = None, dtype: str = "float32") -> str:
-  """jalign model directory -> HF directory loadable by transformers (and vLLM), one parameter at a time."""
+def _nonzero_value_bias(path: str, target):
+  """The value head's bias (numpy) when it has a non-zero one, else None."""
+  import jax
+  import numpy as np
+
+  from jalign import checkpoint
+  leaf = target.get("value_head", {}).get("b")
+  if leaf is None:
+    return None
+  b = np.asarray(jax.device_get(checkpoint.load_tensor(path, "value_head.b", leaf)))
+  return b if np.any(b != 0) else None
+
+
+def jalign_to_hf(src: str, dst: str, family: str | None = None, dtype: str = "float32",
+                 drop_bias: bool = False) -> str:
+  """jalign model directory -> HF directory loadable by transformers (and vLLM), one parameter at a time.
+
+  HF's ``score`` layer has no bias, so a value head with a non-zero one is refused unless ``drop_bias``: then
+  transformers' outputs lack the bias, which config.json records (``jalign_value_head_bias``) for jalign to
+  restore."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -119,14 +136,16 @@ def jalign_to_hf(src: str, dst: str, family: str | None = None, dtype: str = "fl
   path, cfg, meta, target = _jalign_dir_target(src)
   family = family or meta.get("hf_family") or "llama"
   np_dtype = jnp.dtype(dtype)  # numpy dtypes, bfloat16 included (ml_dtypes)
+  bias = _nonzero_value_bias(path, target)
+  if bias is not None and not drop_bias:
+    raise ConversionError(f"{src}: the value head has a non-zero bias {[float(f'{b:.4g}') for b in bias]} and "
+                          "HF's `score` layer has none, so transformers would score rewards without it; pass "
+                          f"--drop-bias to export anyway (config.json records it as {hf.VALUE_BIAS_KEY}, which "
+                          "jalign restores)")
 
   def tensors():
     for name, leaf in checkpoint.flatten(target):
       arr = np.asarray(jax.device_get(checkpoint.load_tensor(path, name, leaf)))
-      if name == "value_head.b" and np.any(arr != 0):
-        logging.getLogger(__name__).warning(
-            "the value head has a non-zero bias %s; HF's `score` layer has none, so exported rewards are shifted "
-            "by it", arr)
       for hf_name, t in hf.hf_tensors_for(name, arr, cfg):
         yield hf_name, t.astype(np_dtype)
       del arr
@@ -135,7 +154,7 @@ def jalign_to_hf(src: str, dst: str, family: str | None = None, dtype: str = "fl
   os.makedirs(dst, exist_ok=True)
   hf.write_safetensors(tensors(), dst)
   with open(os.path.join(dst, "config.json"), "w") as f:
-    json.dump(hf.hf_config_from_model(cfg.to_dict(), family, dtype), f, indent=2)
+    json.dump(hf.hf_config_from_model(cfg.to_dict(), family, dtype, bias), f, indent=2)
   _copy_tokenizer(path, dst)
   return dst
 

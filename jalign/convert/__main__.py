@@ -17,6 +17,9 @@ def main(argv=None) -> int:
   b.add_argument("--family", choices=["llama", "mistral", "qwen2", "gemma"], default=None,
                  help="HF architecture to write (default: the one converted from, else llama)")
   b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+  b.add_argument("--drop-bias", action="store_true",
+                 help="export a value head with a non-zero bias, which HF's score layer lacks; config.json "
+                 "records it (jalign_value_head_bias) and jalign restores it on reading")
   c = sub.add_parser("nemo-to-jalign", help="a .nemo file (or its extracted directory) -> a jalign model directory")
   c.add_argument("src")
   c.add_argument("dst")
@@ -28,7 +31,7 @@ def main(argv=None) -> int:
     elif args.cmd == "nemo-to-jalign":
       out = nemo_to_jalign(args.src, args.dst)
     else:
-      out = jalign_to_hf(args.src, args.dst, args.family, args.dtype)
+      out = jalign_to_hf(args.src, args.dst, args.family, args.dtype, args.drop_bias)
   except (ConversionError, CheckpointError, FileNotFoundError) as e:
     print(f"jalign.convert: error: {e}", file=sys.stderr)
     return 2

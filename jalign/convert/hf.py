@@ -22,6 +22,10 @@ class ConversionError(ValueError):
   pass
 
 
+# HF's ``score`` layer has no bias: jalign-to-hf --drop-bias records the value head's here, and reading restores it
+VALUE_BIAS_KEY = "jalign_value_head_bias"
+
+
 def model_config_from_hf(hf: dict) -> dict:
   """jalign ModelConfig fields from an HF ``config.json`` dict."""
   arch = (hf.get("architectures") or [""])[0]
@@ -67,8 +71,9 @@ def model_config_from_hf(hf: dict) -> dict:
   return cfg
 
 
-def hf_config_from_model(cfg: dict, family: str, dtype: str = "float32") -> dict:
-  """An HF ``config.json`` dict for jalign ModelConfig fields (readable by transformers 4.x and 5.x)."""
+def hf_config_from_model(cfg: dict, family: str, dtype: str = "float32", value_bias=None) -> dict:
+  """An HF ``config.json`` dict for jalign ModelConfig fields (readable by transformers 4.x and 5.x), recording
+  ``value_bias`` (the value head's bias) when given."""
   if family not in FAMILIES:
     raise ConversionError(f"unknown family {family!r}; choose from {FAMILIES}")
   head = "ForSequenceClassification" if cfg.get("num_value_heads") else "ForCausalLM"
@@ -101,7 +106,19 @@ def hf_config_from_model(cfg: dict, family: str, dtype: str = "float32") -> dict
     hf.update(num_labels=cfg["num_value_heads"], pad_token_id=0,
               id2label={str(i): f"LABEL_{i}" for i in range(cfg["num_value_heads"])},
               label2id={f"LABEL_{i}": i for i in range(cfg["num_value_heads"])})
+  if value_bias is not None:
+    hf[VALUE_BIAS_KEY] = [float(b) for b in value_bias]
   return hf
+
+
+def value_bias_from_hf(hf: dict, n: int) -> np.ndarray:
+  """The value-head bias recorded in an HF ``config.json`` dict; zeros when none is."""
+  b = hf.get(VALUE_BIAS_KEY)
+  if b is None:
+    return np.zeros(n, np.float32)
+  if len(b) != n:
+    raise ConversionError(f"config.json: {VALUE_BIAS_KEY} has {len(b)} values; the score head has {n} outputs")
+  return np.asarray(b, np.float32)
 
 
 # --------------------------------------------------------------------------------------------- tensors
@@ -193,7 +210,11 @@ def iter_params_from_hf(directory: str, cfg, dtype=np.float32):
                                                   specs["lm_head"][0][::-1], directory).T, dtype=dtype)
   if cfg.num_value_heads:
     w = _expect("score.weight", t.get("score.weight"), (cfg.num_value_heads, cfg.hidden_size), directory)
-    b = t.get("score.bias") if "score.bias" in t else np.zeros(cfg.num_value_heads, dtype)
+    if "score.bias" in t:
+      b = t.get("score.bias")
+    else:
+      with open(os.path.join(directory, "config.json")) as f:
+        b = value_bias_from_hf(json.load(f), cfg.num_value_heads)
     yield "value_head.w", w.T.astype(dtype)
     yield "value_head.b", b.astype(dtype)
 

@@ -3,7 +3,8 @@
 A ``.nemo`` is a tar archive (or its extracted directory) holding ``model_config.yaml``, the tokenizer artifacts
 and the weights, either as a legacy torch state dict (``model_weights.ckpt``, or per model-parallel rank
 ``mp_rank_XX/`` / ``tp_rank_XX_pp_rank_XXX/``) or as a Megatron-Core distributed checkpoint
-(``model_weights/``, torch_dist format, one tensor per parameter with a leading layer axis).
+(``model_weights/``, torch_dist format, one tensor per parameter with a leading layer axis). Megatron's padded
+vocabulary is cut back to the tokenizer's size, so padding ids can be neither sampled nor scored.
 
 Reading needs ``torch`` (CPU build is enough). Nothing from the archive is executed: members with absolute
 paths, ``..`` or links are refused, and pickled weights load with ``torch.load(weights_only=True)``.
@@ -78,6 +79,13 @@ class NemoDir:
         if name == kind or name.endswith("_" + kind):
           out[kind] = os.path.join(self.dir, name)
     return out
+
+  def tokenizer_vocab_size(self) -> int | None:
+    """The size of the archive's tokenizer (None without one)."""
+    from jalign.data import load_tokenizer
+    files = self.tokenizer_files()
+    path = files.get("tokenizer.json") or files.get("tokenizer.model")
+    return load_tokenizer(path).vocab_size if path else None
 
 
 def model_config_from_nemo(y: dict, vocab_size: int, num_value_heads: int = 0) -> dict:
@@ -198,8 +206,11 @@ def params_from_nemo(nemo: NemoDir, dtype=np.float32):
   embed = sd.get("embedding.word_embeddings.weight")
   if embed is None:
     raise ConversionError(f"{nemo.dir}: tensor 'embedding.word_embeddings.weight' is missing")
+  # Megatron pads the vocabulary (make_vocab_size_divisible_by x TP): rows past the tokenizer's are padding
+  vocab = min(embed.shape[0], nemo.tokenizer_vocab_size() or embed.shape[0])
+  embed = embed[:vocab]
   n_val = sd["rm_head.weight"].shape[0] if "rm_head.weight" in sd else 0
-  cfg = model_config_from_nemo(y, embed.shape[0], n_val)
+  cfg = model_config_from_nemo(y, vocab, n_val)
   L, D, H, K, F = cfg["num_layers"], cfg["hidden_size"], cfg["num_heads"], cfg["num_kv_heads"], cfg["ffn_size"]
   Dh = cfg["head_dim"]
   G = H // K
@@ -244,7 +255,7 @@ def params_from_nemo(nemo: NemoDir, dtype=np.float32):
   if not cfg["tie_embeddings"]:
     if "output_layer.weight" not in sd:
       raise ConversionError(f"{nemo.dir}: tensor 'model.output_layer.weight' is missing")
-    params["lm_head"] = sd["output_layer.weight"].T.astype(dtype)
+    params["lm_head"] = sd["output_layer.weight"][:vocab].T.astype(dtype)
   if n_val:
     params["value_head"] = {"w": sd["rm_head.weight"].T.astype(dtype),
                             "b": sd.get("rm_head.bias", np.zeros(n_val)).astype(dtype)}

@@ -1,8 +1,10 @@
 """SFT records from JSONL, in NeMo-Aligner's and TRL's formats, with validation that names file, line and field.
 
 Accepted rows (detected per row by their keys):
-- NeMo prompt/response: ``{"input": ..., "output": ...}`` rendered with ``data.prompt_template``;
-- NeMo chat: ``{"system", "conversations": [{"from", "value", "label"}], "mask", "type"}``;
+- NeMo prompt/response: ``{"input": ..., "output": ...}`` rendered with ``data.prompt_template``, each template
+  piece tokenised on its own as NeMo does;
+- NeMo chat: ``{"system", "conversations": [{"from", "value", "label"}], "mask", "type"}`` with any role names,
+  rendered with ``data.chat_prompt_tokens``;
 - TRL conversational: ``{"messages": [{"role", "content"}]}``;
 - TRL prompt/completion: ``{"prompt": str, "completion": str}`` or both as message lists;
 - TRL language modelling: ``{"text": str}`` (every token trained on).
@@ -121,17 +123,27 @@ class SegmentBuilder:
                        "tokenizer_config.json")
     self.special = {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token or ""}
     self.roles = NEMO_ROLES if chat_template == "nemo" else HF_ROLES
+    self.chat_tokens = templates.ChatTokens(**data_cfg.chat_prompt_tokens)
+    self._space_sensitive = None
+
+  @property
+  def space_sensitive(self) -> bool:
+    """NeMo's test: does 'x y' tokenise differently from 'x' followed by 'y'?"""
+    if self._space_sensitive is None:
+      enc = self.tok.encode
+      self._space_sensitive = enc("x y") != enc("x") + enc("y")
+    return self._space_sensitive
 
   def _chat(self, msgs, path, line, trainable_from=0):
     """Messages -> segments with the configured template; assistant messages at index >= trainable_from train."""
     if self.chat == "hf":
       try:
         segs = templates.hf_chat_segments(self.tok.chat_template, msgs, **self.special)
+        if trainable_from:
+          segs = _train_only_after(segs, len(templates.render_hf(
+              self.tok.chat_template, msgs[:trainable_from], add_generation_prompt=True, **self.special)))
       except templates.TemplateError as e:
         raise DataError(path, line, "messages", f"chat template: {e}") from None
-      if trainable_from:
-        segs = _train_only_after(segs, len(templates.render_hf(
-            self.tok.chat_template, msgs[:trainable_from], add_generation_prompt=True, **self.special)))
       return segs
     system = ""
     if msgs[0]["role"] == "system":
@@ -145,11 +157,20 @@ class SegmentBuilder:
     if not msgs:
       raise DataError(path, line, "messages", "no user or assistant turns")
     turns = [(NEMO_ROLES[m["role"]], m["content"], None) for m in msgs]
-    segs = templates.nemo_chat_segments(system, turns, mask_role="User")
+    segs = templates.nemo_chat_segments(system, turns, mask_role="User", tokens=self.chat_tokens)
     if trainable_from:  # prompt/completion: nothing inside the prompt trains
       segs = _train_only_after(segs, len(templates.nemo_generation_prompt(
-          system, [(r, v) for r, v, _ in turns[:trainable_from]])))
+          system, [(r, v) for r, v, _ in turns[:trainable_from]], tokens=self.chat_tokens)))
     return segs
+
+  def render(self, msgs, path, line) -> str:
+    """The conversation as one string, as NeMo-Aligner's DPO renders a message list (no generation prompt)."""
+    if self.chat == "hf":
+      try:
+        return templates.render_hf(self.tok.chat_template, msgs, **self.special)
+      except templates.TemplateError as e:
+        raise DataError(path, line, "messages", f"chat template: {e}") from None
+    return "".join(t for t, _ in self._chat(msgs, path, line))
 
   def segments(self, obj: dict, path: str, line: int) -> tuple[templates.Segments, bool]:
     """(segments, add_eos) for one row."""
@@ -158,12 +179,8 @@ class SegmentBuilder:
     if "messages" in obj:
       return self._chat(_messages(obj, "messages", path, line, self.roles), path, line), False
     if "input" in obj or "output" in obj:
-      inp, out = _str(obj, "input", path, line), _str(obj, "output", path, line, allow_empty=False)
-      tmpl = self.cfg.prompt_template
-      head, sep, tail = tmpl.partition("{output}")
-      if not sep:
-        raise ValueError(f"data.prompt_template={tmpl!r} has no {{output}}")
-      return [(head.format(input=inp), False), (out + tail.format(input=inp), True)], self.cfg.add_eos
+      values = {"input": _str(obj, "input", path, line), "output": _str(obj, "output", path, line, False)}
+      return templates.nemo_prompt_pieces(self.cfg.prompt_template, values, self.space_sensitive), self.cfg.add_eos
     if "prompt" in obj and "completion" in obj:
       if isinstance(obj["prompt"], list):
         p = _messages(obj, "prompt", path, line, self.roles)
@@ -186,6 +203,8 @@ class SegmentBuilder:
     if not convs:
       raise DataError(path, line, "conversations", "empty conversation")
     mask = obj.get("mask", "User")
+    if not isinstance(mask, str) or not mask:
+      raise DataError(path, line, "mask", f"expected a role name (or names joined by commas), got {mask!r}")
     label_type = obj.get("type")
     if label_type not in (None, "VALUE_TO_TEXT"):
       raise DataError(path, line, "type", f"{label_type!r} is not supported; use VALUE_TO_TEXT or null")
@@ -195,8 +214,8 @@ class SegmentBuilder:
       if not isinstance(t, dict):
         raise DataError(path, line, f, f"expected an object, got {type(t).__name__}")
       role = t.get("from")
-      if role not in ("User", "Assistant"):
-        raise DataError(path, line, f + ".from", f"unknown role {role!r}; expected 'User' or 'Assistant'")
+      if not isinstance(role, str) or not role:
+        raise DataError(path, line, f + ".from", f"expected a role name, got {role!r}")
       value = t.get("value")
       if not isinstance(value, str):
         raise DataError(path, line, f + ".value", f"expected a string, got {type(value).__name__}")
@@ -204,9 +223,10 @@ class SegmentBuilder:
       if label is not None and not isinstance(label, str):
         raise DataError(path, line, f + ".label", f"expected a string or null, got {type(label).__name__}")
       turns.append((role, value, label))
-    if mask not in ("User", "Assistant"):
-      raise DataError(path, line, "mask", f"unknown role {mask!r}; expected 'User' or 'Assistant'")
-    return templates.nemo_chat_segments(system, turns, mask, label_type)
+    for m in mask.split(","):
+      if m not in {r for r, _, _ in turns}:
+        raise DataError(path, line, "mask", f"role {m!r} does not occur in the conversation")
+    return templates.nemo_chat_segments(system, turns, mask, label_type, self.chat_tokens)
 
 
 def _char_offsets(tok: Tokenizer, text: str):
@@ -220,8 +240,8 @@ def _char_offsets(tok: Tokenizer, text: str):
   return enc.ids, [s for s, _ in enc.offsets]
 
 
-def tokenize_segments(tok: Tokenizer, segs, *, add_bos: bool, add_eos: bool, answer_only: bool):
-  """Whole-string tokenisation; a token is trainable when its first character lies in a trainable segment."""
+def _whole_string(tok: Tokenizer, segs, answer_only):
+  """Tokenise the concatenation; a token is trainable when its first character lies in a trainable segment."""
   text = "".join(t for t, _ in segs)
   ids, starts = _char_offsets(tok, text)
   flag = np.zeros(len(text) + 1, dtype=bool)
@@ -229,7 +249,18 @@ def tokenize_segments(tok: Tokenizer, segs, *, add_bos: bool, add_eos: bool, ans
   for t, tr in segs:
     flag[pos:pos + len(t)] = tr or not answer_only
     pos += len(t)
-  mask = [bool(flag[min(s, len(text))]) for s in starts]
+  return ids, [bool(flag[min(s, len(text))]) for s in starts]
+
+
+def tokenize_segments(tok: Tokenizer, segs, *, add_bos: bool, add_eos: bool, answer_only: bool):
+  """Token ids and loss mask; ``templates.Pieces`` are tokenised piece by piece, other segments as one string."""
+  if isinstance(segs, templates.Pieces):
+    ids, mask = [], []
+    for t, tr in segs:
+      piece = tok.encode(t)
+      ids, mask = ids + piece, mask + [tr or not answer_only] * len(piece)
+  else:
+    ids, mask = _whole_string(tok, segs, answer_only)
   if add_bos and tok.bos_id is not None:
     ids, mask = [tok.bos_id] + ids, [False] + mask
   if add_eos and tok.eos_id is not None:

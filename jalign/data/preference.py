@@ -12,6 +12,11 @@ HelpSteer2-Preference BT variants read two consecutive such lines as a pair, ``l
 preference strength in -3..3.
 Unpaired (KTO): NeMo ``{"prompt", "response", "preference": "chosen"|"rejected"}`` or TRL
 ``{"prompt", "completion", "label": bool}``.
+
+Each row follows its own format's conventions: NeMo rows are tokenised as NeMo-Aligner does (the prompt's tokens
+untrained, everything after them trained, an EOS only with ``data.append_eod``; a message-list DPO row is
+rendered whole, so its response includes the assistant header), TRL rows as TRL does (the reply after the
+generation prompt, and, for strings, an EOS after each response that does not already end with one).
 """
 from __future__ import annotations
 
@@ -49,41 +54,58 @@ class PairTokenizer:
     toks, mask = tokenize_segments(self.tok, segs, add_bos=self.cfg.add_bos, add_eos=eos, answer_only=True)
     return Example(*truncate(toks, mask, self.cfg.max_seq_len, self.cfg.truncation, path, line))
 
-  def string_response(self, prompt, resp, path, line, field) -> Example:
-    """Prompt + response strings; the prompt's tokens must be a prefix of prompt+response's tokens."""
-    prompt_ids = list(self.tok.encode(prompt))
-    toks, mask = tokenize_segments(self.tok, [(prompt, False), (resp, True)], add_bos=self.cfg.add_bos,
-                                   add_eos=self.cfg.add_eos, answer_only=True)
-    start = int(self.cfg.add_bos and self.tok.bos_id is not None)
-    if list(toks[start:start + len(prompt_ids)]) != prompt_ids:
+  def string_response(self, prompt, resp, path, line, field, eos) -> Example:
+    """Prompt + response strings (not truncated): the tokens of prompt + response, trained after the prompt's
+    own tokens, which must be a prefix of them."""
+    prompt_ids, ids = self.tok.encode(prompt), self.tok.encode(prompt + resp)
+    if ids[:len(prompt_ids)] != prompt_ids:
       raise DataError(path, line, field, "the prompt's tokens are not a prefix of the tokens of prompt + "
                       "response (a token spans the boundary); end the prompt where the tokenizer splits, "
                       "e.g. after a newline or special token")
-    return Example(*truncate(toks, mask, self.cfg.max_seq_len, self.cfg.truncation, path, line))
+    bos = [self.tok.bos_id] if self.cfg.add_bos and self.tok.bos_id is not None else []
+    end = [self.tok.eos_id] if eos and self.tok.eos_id is not None else []
+    n_prompt = len(bos) + len(prompt_ids)
+    toks = np.asarray(bos + ids + end, np.int32)
+    return Example(toks, np.arange(len(toks)) >= n_prompt)
 
-  def _string_pair(self, prompt, chosen, rejected, path, line, fields):
-    return [self.string_response(prompt, r, path, line, f) for r, f in zip((chosen, rejected), fields)]
+  def _string_pair(self, prompt, chosen, rejected, path, line, fields, eos):
+    """``eos``: one flag per response."""
+    return [self.string_response(prompt, r, path, line, f, e) for r, f, e in zip((chosen, rejected), fields, eos)]
 
-  def _implicit(self, chosen, rejected, path, line):
-    """No prompt given: the response starts where the two token sequences first differ."""
-    seqs = [tokenize_segments(self.tok, [(t, True)], add_bos=self.cfg.add_bos, add_eos=self.cfg.add_eos,
-                              answer_only=True)[0] for t in (chosen, rejected)]
+  def trl_eos(self, text) -> bool:
+    """TRL appends EOS to a string response unless it already ends with one."""
+    return not (self.tok.eos_token and text.endswith(self.tok.eos_token))
+
+  def _implicit(self, chosen, rejected, path, line, eos):
+    """No prompt given: the response starts where the two token sequences first differ (not truncated).
+    ``eos``: one flag per sequence."""
+    seqs = [tokenize_segments(self.tok, [(t, True)], add_bos=self.cfg.add_bos, add_eos=e,
+                              answer_only=True)[0] for t, e in zip((chosen, rejected), eos)]
     n = min(map(len, seqs))
     common = int(np.argmin(seqs[0][:n] == seqs[1][:n])) if (seqs[0][:n] != seqs[1][:n]).any() else n
     if common == len(seqs[0]) and len(seqs[0]) == len(seqs[1]):
       raise DataError(path, line, "rejected", "identical to chosen")
-    out = []
-    for s in seqs:
-      mask = np.arange(len(s)) >= common
-      out.append(Example(*truncate(s, mask, self.cfg.max_seq_len, self.cfg.truncation, path, line)))
-    return out
+    return [Example(s, np.arange(len(s)) >= common) for s in seqs]
 
-  def chat_response(self, prompt_msgs, msgs, path, line) -> Example:
+  def chat_response(self, prompt_msgs, msgs, path, line, eos) -> Example:
+    """TRL's labelling (not truncated): the reply after the prompt's generation prompt."""
     segs = self.builder._chat(prompt_msgs + msgs, path, line, trainable_from=len(prompt_msgs))
-    return self.encode(segs, False, path, line)
+    return Example(*tokenize_segments(self.tok, segs, add_bos=self.cfg.add_bos, add_eos=eos, answer_only=True))
 
   def _chat_pair(self, prompt_msgs, chosen_msgs, rejected_msgs, path, line):
-    return [self.chat_response(prompt_msgs, m, path, line) for m in (chosen_msgs, rejected_msgs)]
+    return [self.chat_response(prompt_msgs, m, path, line, False) for m in (chosen_msgs, rejected_msgs)]
+
+  def _nemo_chat_pair(self, prompt_msgs, chosen_msg, rejected_msg, path, line):
+    """NeMo-Aligner's labelling: the prompt conversation and prompt + response are rendered whole; everything
+    after the prompt's tokens (the assistant header included) is the response."""
+    prompt = self.builder.render(prompt_msgs, path, line)
+    out = []
+    for m, f in ((chosen_msg, "chosen_response"), (rejected_msg, "rejected_response")):
+      full = self.builder.render(prompt_msgs + m, path, line)
+      if not full.startswith(prompt):
+        raise DataError(path, line, f, "the chat template renders the prompt differently once a reply follows")
+      out.append(self.string_response(prompt, full[len(prompt):], path, line, f, self.cfg.append_eod))
+    return out
 
   def pair(self, obj: dict, path: str, line: int) -> Pair:
     if "chosen_response" in obj or "rejected_response" in obj:  # NeMo-Aligner DPO
@@ -91,11 +113,11 @@ class PairTokenizer:
         p = _messages(obj, "prompt", path, line, self.roles)
         c = _messages({"c": [obj.get("chosen_response")]}, "c", path, line, self.roles)
         r = _messages({"r": [obj.get("rejected_response")]}, "r", path, line, self.roles)
-        ex = self._chat_pair(p, c, r, path, line)
+        ex = self._nemo_chat_pair(p, c, r, path, line)
       else:
         ex = self._string_pair(_str(obj, "prompt", path, line), _str(obj, "chosen_response", path, line, False),
                                _str(obj, "rejected_response", path, line, False), path, line,
-                               ("chosen_response", "rejected_response"))
+                               ("chosen_response", "rejected_response"), (self.cfg.append_eod,) * 2)
     elif "chosen" in obj or "rejected" in obj:  # TRL
       if "chosen" not in obj or "rejected" not in obj:
         raise DataError(path, line, "rejected" if "chosen" in obj else "chosen", "missing")
@@ -106,8 +128,9 @@ class PairTokenizer:
                                _messages(obj, "chosen", path, line, self.roles),
                                _messages(obj, "rejected", path, line, self.roles), path, line)
         else:
-          ex = self._string_pair(_str(obj, "prompt", path, line), _str(obj, "chosen", path, line, False),
-                                 _str(obj, "rejected", path, line, False), path, line, ("chosen", "rejected"))
+          c, r = _str(obj, "chosen", path, line, False), _str(obj, "rejected", path, line, False)
+          ex = self._string_pair(_str(obj, "prompt", path, line), c, r, path, line, ("chosen", "rejected"),
+                                 (self.trl_eos(c), self.trl_eos(r)))
       elif conversational:
         c = _messages(obj, "chosen", path, line, self.roles)
         r = _messages(obj, "rejected", path, line, self.roles)
@@ -116,17 +139,30 @@ class PairTokenizer:
           n += 1
         ex = self._chat_pair(c[:n], c[n:], r[n:], path, line)
       else:
-        ex = self._implicit(_str(obj, "chosen", path, line, False), _str(obj, "rejected", path, line, False),
-                            path, line)
+        c, r = _str(obj, "chosen", path, line, False), _str(obj, "rejected", path, line, False)
+        ex = self._implicit(c, r, path, line, (self.trl_eos(c), self.trl_eos(r)))
     else:
       raise DataError(path, line, None, f"unrecognised preference row with keys {sorted(obj)}; expected "
                       "prompt/chosen_response/rejected_response, prompt/chosen/rejected, chosen/rejected, or "
                       "alternating {\"text\"} lines")
-    pair = Pair(ex[0], ex[1], line)
+    pair = Pair(*truncate_pair(*ex, self.cfg.max_seq_len, self.cfg.truncation, path, line), line)
     for key in ("margin", "chosen_reward", "rejected_reward"):
       if key in obj:
         setattr(pair, key, _number(obj, key, path, line))
     return pair
+
+
+def truncate_pair(chosen: Example, rejected: Example, max_len, policy, path, line):
+  """Fit a pair into ``max_len`` keeping one prompt for both: ``right`` cuts each sequence's end, ``left`` drops
+  the same leading tokens of the shared prompt from both."""
+  n = max(len(chosen.tokens), len(rejected.tokens))
+  if n <= max_len or policy != "left":
+    return [Example(*truncate(e.tokens, e.loss_mask, max_len, policy, path, line)) for e in (chosen, rejected)]
+  cut, prompt = n - max_len, min(int(np.argmax(e.loss_mask)) for e in (chosen, rejected))
+  if cut >= prompt:
+    raise DataError(path, line, None, f"{n} tokens > data.max_seq_len={max_len}, but the shared prompt has only "
+                    f"{prompt} tokens to left-truncate (a response alone is too long)")
+  return [Example(e.tokens[cut:], e.loss_mask[cut:]) for e in (chosen, rejected)]
 
 
 def _number(obj, key, path, line):
@@ -163,8 +199,8 @@ def load_pairs(path: str, tok: Tokenizer, data_cfg, chat_template="nemo") -> tup
       c, r = _str(o1, "text", path, l1, False), _str(o2, "text", path, l2, False)
       if c == r:
         raise DataError(path, l2, "text", f"identical to line {l1}")
-      ex = pt._implicit(c, r, path, l1)
-      return Pair(ex[0], ex[1], l1)
+      ex = pt._implicit(c, r, path, l1, (data_cfg.append_eod,) * 2)
+      return Pair(*truncate_pair(*ex, data_cfg.max_seq_len, data_cfg.truncation, path, l1), l1)
     return _alternating(path, data_cfg, make)
   return finish(path, *collect(read_jsonl(path), data_cfg, lambda line, obj: pt.pair(obj, path, line)))
 
@@ -185,8 +221,10 @@ def _labels(obj, path, line, n, lo, hi):
 
 
 def _single(builder, data_cfg, obj, path, line):
-  segs, eos = builder.segments(obj, path, line)
-  toks, _ = tokenize_segments(builder.tok, segs, add_bos=data_cfg.add_bos, add_eos=eos, answer_only=False)
+  """One whole sequence of a NeMo-Aligner reward-model row (an EOS only with ``data.append_eod``)."""
+  segs, _ = builder.segments(obj, path, line)
+  toks, _ = tokenize_segments(builder.tok, segs, add_bos=data_cfg.add_bos, add_eos=data_cfg.append_eod,
+                              answer_only=False)
   toks, mask = truncate(toks, np.ones(len(toks), bool), data_cfg.max_seq_len, data_cfg.truncation, path, line)
   return Example(toks, mask)
 
@@ -232,11 +270,11 @@ def load_unpaired(path, tok, data_cfg, chat_template="nemo"):
       pref = obj["preference"]
       if pref not in ("chosen", "rejected"):
         raise DataError(path, line, "preference", f"expected 'chosen' or 'rejected', got {pref!r}")
-      resp_key, good = "response", pref == "chosen"
+      resp_key, good, nemo = "response", pref == "chosen", True
     elif "label" in obj:
       if not isinstance(obj["label"], bool):
         raise DataError(path, line, "label", f"expected true or false, got {obj['label']!r}")
-      resp_key, good = "completion", obj["label"]
+      resp_key, good, nemo = "completion", obj["label"], False
     else:
       raise DataError(path, line, None, f"unrecognised KTO row with keys {sorted(obj)}; expected "
                       "prompt/response/preference or prompt/completion/label")
@@ -245,24 +283,27 @@ def load_unpaired(path, tok, data_cfg, chat_template="nemo"):
       resp = _messages(obj, resp_key, path, line, pt.roles)
     else:
       prompt, resp = _str(obj, "prompt", path, line), _str(obj, resp_key, path, line, False)
-    return line, prompt, resp, good
+    return line, prompt, resp, good, nemo
 
   rows, skipped = finish(path, *collect(read_jsonl(path), data_cfg, make))
   if len(rows) < 2:
     raise DataError(path, 0, None, "KTO needs at least 2 rows (the KL reference pairs each prompt with the "
                     "next row's response)")
 
-  def encode(line, prompt, resp):
+  def encode(line, prompt, resp, nemo):
     if isinstance(prompt, list) != isinstance(resp, list):
       raise DataError(path, line, None, "mixes message-list and string rows; use one form per file")
-    if isinstance(prompt, list):
-      return pt.chat_response(prompt, resp, path, line)
-    return pt.string_response(prompt, resp, path, line, "response")
+    if isinstance(prompt, list):  # TRL: no EOS after a chat template
+      ex = pt.chat_response(prompt, resp, path, line, nemo and data_cfg.append_eod)
+    else:
+      eos = data_cfg.append_eod if nemo else pt.trl_eos(resp)
+      ex = pt.string_response(prompt, resp, path, line, "response", eos)
+    return Example(*truncate(ex.tokens, ex.loss_mask, data_cfg.max_seq_len, data_cfg.truncation, path, line))
 
   samples, kl, good = [], [], []
-  for i, (line, prompt, resp, g) in enumerate(rows):
-    samples.append(encode(line, prompt, resp))
-    kl.append(encode(line, prompt, rows[(i + 1) % len(rows)][2]))
+  for i, (line, prompt, resp, g, nemo) in enumerate(rows):
+    samples.append(encode(line, prompt, resp, nemo))
+    kl.append(encode(line, prompt, rows[(i + 1) % len(rows)][2], nemo))
     good.append(g)
   return (samples, kl, np.asarray(good)), skipped
 

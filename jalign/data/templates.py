@@ -1,12 +1,15 @@
-"""Chat templates: NeMo-Aligner's ``<extra_id_*>`` template and Hugging Face Jinja templates.
+"""Chat templates: NeMo's chat template (``<extra_id_*>`` tokens by default, or any ``chat_prompt_tokens``),
+NeMo's prompt/response template and Hugging Face Jinja templates.
 
-Both render a conversation into *segments*: ``(text, trainable)`` pairs whose concatenation is the full
+All render a conversation into *segments*: ``(text, trainable)`` pairs whose concatenation is the full
 prompt string; ``trainable`` marks what the loss sees under answer-only training.
 """
 from __future__ import annotations
 
 import datetime
 import json
+import re
+from dataclasses import dataclass
 
 SYSTEM_TURN_START = "<extra_id_0>"
 TURN_START = "<extra_id_1>"
@@ -17,38 +20,78 @@ END_OF_NAME = "\n"
 Segments = list[tuple[str, bool]]
 
 
-def nemo_chat_segments(system: str, turns: list[tuple[str, str, str | None]], mask_role: str,
-                       label_type: str | None = None) -> Segments:
-  """NeMo-Aligner chat rendering and loss mask.
+class Pieces(list):
+  """Segments that are tokenised one by one and concatenated (NeMo's prompt/response template), not as one
+  string."""
 
-  ``turns`` are (role, value, label) with roles spelt as in the data ("User", "Assistant"). The system header
-  and the first turn are never trained on; for other turns of ``mask_role`` only the leading ``<extra_id_1>``
-  (which closes the previous reply) is trained on; for the other roles the name and label are masked and the
-  value plus end-of-turn are trained on. A final ``<extra_id_1>`` is appended (and trained on) when the last
-  turn's role is not ``mask_role``.
+
+@dataclass(frozen=True)
+class ChatTokens:
+  """NeMo's ``chat_prompt_tokens``; the default is the ``<extra_id_*>`` set."""
+  system_turn_start: str = SYSTEM_TURN_START
+  turn_start: str = TURN_START
+  label_start: str = LABEL_START
+  end_of_turn: str = END_OF_TURN
+  end_of_name: str = END_OF_NAME
+
+
+DEFAULT_TOKENS = ChatTokens()
+
+
+def nemo_chat_segments(system: str, turns: list[tuple[str, str, str | None]], mask_role: str,
+                       label_type: str | None = None, tokens: ChatTokens = DEFAULT_TOKENS) -> Segments:
+  """NeMo's chat rendering and loss mask.
+
+  ``turns`` are (role, value, label) with roles spelt as in the data; ``mask_role`` is one role or several joined
+  by commas. The system header, the first turn and a masked-role turn at index 1 are never trained on; for later
+  masked-role turns only the leading ``turn_start`` (which closes the previous reply) is trained on; for the
+  other roles the name and label (up to the first ``end_of_name`` after the name) are masked and the rest of the
+  turn is trained on. A final ``turn_start`` is appended (and trained on) when the last turn's role is not masked.
   """
-  segs: Segments = [(f"{SYSTEM_TURN_START}System{END_OF_NAME}{system}{END_OF_TURN}", False)]
+  t, masked = tokens, set(mask_role.split(","))
+  segs: Segments = [(f"{t.system_turn_start}System{t.end_of_name}{system}{t.end_of_turn}", False)]
   for i, (role, value, label) in enumerate(turns):
-    label_part = f"{LABEL_START}{label}{END_OF_TURN}" if (label and label_type == "VALUE_TO_TEXT") else ""
-    name = f"{role}{END_OF_NAME}"
-    body = f"{value}{END_OF_TURN}"
-    if i == 0:
-      segs.append((TURN_START + name + label_part + body, False))
-    elif role == mask_role:
-      segs += [(TURN_START, True), (name + label_part + body, False)]
+    name = f"{t.turn_start}{role}{t.end_of_name}"
+    rest = f"{value}{t.end_of_turn}"
+    if label is not None and label_type == "VALUE_TO_TEXT":
+      rest = f"{t.label_start}{label}{t.end_of_name}{rest}"
+      cut = rest.index(t.end_of_name) + len(t.end_of_name)
+      name, rest = name + rest[:cut], rest[cut:]
+    if i == 0 or (role in masked and i == 1):
+      segs.append((name + rest, False))
+    elif role in masked:
+      segs += [(t.turn_start, True), (name[len(t.turn_start):] + rest, False)]
     else:
-      segs += [(TURN_START + name + label_part, False), (body, True)]
-  if turns and turns[-1][0] != mask_role:
-    segs.append((TURN_START, True))
+      segs += [(name, False), (rest, True)]
+  if turns and turns[-1][0] not in masked:
+    segs.append((t.turn_start, True))
   return segs
 
 
-def nemo_generation_prompt(system: str, turns: list[tuple[str, str]], assistant_role="Assistant") -> str:
+def nemo_generation_prompt(system: str, turns: list[tuple[str, str]], assistant_role="Assistant",
+                           tokens: ChatTokens = DEFAULT_TOKENS) -> str:
   """The prompt string that asks the model for the next assistant reply."""
-  text = f"{SYSTEM_TURN_START}System{END_OF_NAME}{system}{END_OF_TURN}"
+  t = tokens
+  text = f"{t.system_turn_start}System{t.end_of_name}{system}{t.end_of_turn}"
   for role, value in turns:
-    text += f"{TURN_START}{role}{END_OF_NAME}{value}{END_OF_TURN}"
-  return text + f"{TURN_START}{assistant_role}{END_OF_NAME}"
+    text += f"{t.turn_start}{role}{t.end_of_name}{value}{t.end_of_turn}"
+  return text + f"{t.turn_start}{assistant_role}{t.end_of_name}"
+
+
+def nemo_prompt_pieces(template: str, values: dict[str, str], space_sensitive: bool) -> Pieces:
+  """NeMo's prompt/response rendering: the template is cut before each ``{key}`` (spaces in front of a key stay
+  with it), a piece's one leading space is dropped unless the tokenizer is space-sensitive, values are stripped
+  of spaces, and pieces from ``{output}`` on are the trained answer. Each piece is tokenised on its own."""
+  parts = [p for p in re.split(r"( *?\{.+?\})", template) if p]
+  out, trained = Pieces(), False
+  for p in parts:
+    if not space_sensitive and p[0] == " ":
+      p = p[1:]
+    name = p.lstrip(" ")
+    key = name[1:-1] if name[:1] == "{" and name[-1:] == "}" else None
+    trained = trained or key == "output"
+    out.append((p[:len(p) - len(name)] + (values[key].strip(" ") if key in values else name), trained))
+  return out
 
 
 class TemplateError(ValueError):
@@ -78,9 +121,16 @@ def _env():
 
 
 def render_hf(template: str, messages: list[dict], add_generation_prompt: bool = False, **special) -> str:
-  """Render a Hugging Face Jinja chat template (sandboxed, as ``apply_chat_template`` does)."""
-  return _env().from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                             **special)
+  """Render a Hugging Face Jinja chat template (sandboxed, as ``apply_chat_template`` does); a template that does
+  not compile or fails on these messages raises TemplateError."""
+  import jinja2
+  try:
+    return _env().from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                               **special)
+  except TemplateError:
+    raise
+  except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+    raise TemplateError(f"{type(e).__name__}: {e}") from None
 
 
 def hf_chat_segments(template: str, messages: list[dict], trainable_roles=("assistant",), **special) -> Segments:
