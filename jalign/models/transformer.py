@@ -260,7 +260,20 @@ def _proj(names, x, layer, lora, cfg, dt, drop_key):
   return ys
 
 
-def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids_BT, drop_key):
+CACHE_AXES = ("layers", "batch", None, "act_kv_heads", None)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
+  """KV cache ``{"k", "v": [layers, batch, length, kv_heads, head_dim]}`` in the compute dtype; slot s of a row
+  holds the keys/values of the token at position s."""
+  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.dh)
+  return {n: sharding.constrain(jnp.zeros(shape, cfg.dtype), CACHE_AXES) for n in ("k", "v")}
+
+
+def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids_BT, drop_key, kv=None):
+  """One layer. ``kv = (cache, layer_index)``: write this layer's keys/values at slots ``positions_BT`` of the
+  cache and attend over all of its slots (the causal mask on positions hides the slots not yet written);
+  returns (x, cache) then."""
   dt = jnp.dtype(cfg.dtype)
   h = rms_norm(x_BTD, layer["attn_norm"], cfg.rms_norm_eps, cfg.norm_offset)
   q, k, v = _proj(("q", "k", "v"), h, layer, lora, cfg, dt, drop_key)
@@ -269,8 +282,17 @@ def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids
   q = sharding.constrain(apply_rope(q, *rope), ("batch", "length", "act_heads", None))
   k = sharding.constrain(apply_rope(k, *rope), ("batch", "length", "act_kv_heads", None))
   v = sharding.constrain(v, ("batch", "length", "act_kv_heads", None))
+  kv_positions_BS = positions_BT
+  if kv is not None:
+    cache, i = kv
+    B, T = positions_BT.shape
+    rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+    cache = {n: c.at[i, rows_BT, positions_BT].set(x.astype(c.dtype)) for (n, c), x in zip(cache.items(), (k, v))}
+    cache = {n: sharding.constrain(c, CACHE_AXES) for n, c in cache.items()}
+    k, v = (jax.lax.dynamic_index_in_dim(cache[n], i, 0, keepdims=False) for n in ("k", "v"))
+    kv_positions_BS = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (B, k.shape[1]))
   attn = kernels.attention(q, k, v, implementation=cfg.attention, q_segment_ids_BT=segment_ids_BT,
-                           q_positions_BT=positions_BT, kv_positions_BS=positions_BT, causal=True,
+                           q_positions_BT=positions_BT, kv_positions_BS=kv_positions_BS, causal=True,
                            sliding_window=cfg.sliding_window)
   (o,) = _proj(("o",), attn, layer, lora, cfg, dt, drop_key)
   x_BTD = sharding.constrain(x_BTD + o, ("batch", "length", "act_embed"))
@@ -279,7 +301,32 @@ def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids
   act = jax.nn.silu(g) if cfg.activation == "silu" else jax.nn.gelu(g, approximate=True)
   m = sharding.constrain(act * u, ("batch", "length", "act_mlp"))
   (down,) = _proj(("down",), m, layer, lora, cfg, dt, drop_key)
-  return sharding.constrain(x_BTD + down, ("batch", "length", "act_embed"))
+  x_BTD = sharding.constrain(x_BTD + down, ("batch", "length", "act_embed"))
+  return x_BTD if kv is None else (x_BTD, cache)
+
+
+def cached_hidden_states(params, tokens_BT, cfg: ModelConfig, cache, start_B):
+  """Final-norm hidden states [B, T, D] of ``tokens_BT`` placed at positions (= cache slots) ``start_B`` ..
+  ``start_B + T - 1`` of each row, attending to everything the cache holds before them; returns (h, cache).
+  The cache is carried through the layer scan and updated in place."""
+  B, T = tokens_BT.shape
+  dt = jnp.dtype(cfg.dtype)
+  positions_BT = start_B[:, None].astype(jnp.int32) + jnp.arange(T, dtype=jnp.int32)
+  x = jnp.take(params["embed"], tokens_BT, axis=0).astype(dt)
+  if cfg.scale_embeddings:
+    x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
+  x = sharding.constrain(x, ("batch", "length", "act_embed"))
+  rope = rope_tables(positions_BT, jnp.asarray(rope_inv_freq(cfg)))
+
+  def body(carry, xs):
+    x, cache = carry
+    layer, lora_l, i = xs
+    return _block(cfg, rope, x, layer, lora_l, positions_BT, None, None, kv=(cache, i)), None
+
+  (x, cache), _ = jax.lax.scan(body, (x, cache), (params["layers"], params.get("lora"),
+                                                  jnp.arange(cfg.num_layers)),
+                               unroll=max(1, min(cfg.scan_unroll, cfg.num_layers)))
+  return rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset), cache
 
 
 def hidden_states(params, tokens_BT, cfg: ModelConfig, *, positions_BT=None, segment_ids_BT=None,

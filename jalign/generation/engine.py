@@ -1,0 +1,228 @@
+"""KV-cache generation: one jitted prefill and one jitted ``while_loop`` decode per (batch, prompt bucket).
+
+Prompts are right-padded into ``tokens_BS`` (S = prompt bucket + max new tokens) with a length per row; a row
+writes its next token at slot ``len_b``, positions equal slots (as in training rows), so the causal mask on
+positions alone hides pad and not-yet-written slots. Prefill writes the whole prompt block into the cache and
+computes logits only at each row's last prompt token; decode steps one token per row until every row is done.
+All sampling values are per-row traced arrays: new values never recompile. The state is a dict of arrays, so the
+server can run ``decode_chunk`` between admissions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jalign import sharding
+from jalign.generation import sampling
+from jalign.models import transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  temperature: float = 0.0       # 0: greedy
+  top_k: int = 0                 # 0: off; at most the engine's top_k_cap
+  top_p: float = 1.0
+  min_p: float = 0.0
+  repetition_penalty: float = 1.0
+  min_tokens: int = 0            # stop tokens are banned before this many new tokens
+  max_new_tokens: int = 0        # 0: the engine's max_new_tokens (also the most a request may ask)
+
+
+ROW_FIELDS = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "min_p": np.float32,
+              "repetition_penalty": np.float32, "min_tokens": np.int32, "max_new_tokens": np.int32}
+
+
+def row_arrays(params_per_row) -> dict:
+  """Per-row sampling arrays [B] from a list of SamplingParams."""
+  return {k: np.asarray([getattr(p, k) for p in params_per_row], dt) for k, dt in ROW_FIELDS.items()}
+
+
+def _round_up(n, m):
+  return max(m, -(-n // m) * m)
+
+
+def stop_table(stop_ids, stop_sequences, width=8):
+  """(stop_ids [n] int32, stop_seqs [m, width] int32 right-aligned), -1 padded to multiples of 8 and 4 entries
+  so that a few more stops do not change the compiled shapes."""
+  ids = np.full(_round_up(len(stop_ids), 8), -1, np.int32)
+  ids[:len(stop_ids)] = list(stop_ids)
+  seqs = np.full((_round_up(len(stop_sequences), 4), width), -1, np.int32)
+  for i, s in enumerate(stop_sequences):
+    if not 0 < len(s) <= width:
+      raise ValueError(f"stop sequence {list(s)} must have 1..{width} tokens")
+    seqs[i, width - len(s):] = list(s)
+  return ids, seqs
+
+
+def _row_keys(seed_B, sample_B, n_B):
+  """Row b's key for its n-th token: from its request seed and its sample index (n samples of a prompt differ)."""
+  key = lambda s, j, n: jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s), j), n)
+  return jax.vmap(key)(seed_B, sample_B, n_B)
+
+
+def _sample(logits_BV, st, stop_ids, k_cap):
+  V = logits_BV.shape[-1]
+  is_stop_V = jnp.zeros(V, bool).at[jnp.where(stop_ids >= 0, stop_ids, V)].set(True, mode="drop")
+  banned_BV = (st["n_B"] < st["min_tokens"])[:, None] & is_stop_V[None]
+  return sampling.sample(logits_BV, _row_keys(st["seed_B"], st["sample_B"], st["n_B"]), temperature_B=st["temperature"],
+                         top_k_B=st["top_k"], top_p_B=st["top_p"], min_p_B=st["min_p"], k_cap=k_cap,
+                         penalty_B=st["repetition_penalty"], seen_BV=st["seen_BV"], banned_BV=banned_BV)
+
+
+def _accept(st, token_B, logp_B, stop_ids, stop_seqs):
+  """Write the sampled tokens of rows still running at slot len_b, then update lengths and stop flags."""
+  B, S = st["tokens_BS"].shape
+  live_B = ~st["done_B"]
+  rows = jnp.arange(B)
+  slot_B = jnp.where(live_B, st["len_B"], S)  # out of range: dropped
+  tokens_BS = st["tokens_BS"].at[rows, slot_B].set(token_B, mode="drop")
+  logp_BN = st["logp_BN"].at[rows, jnp.where(live_B, st["n_B"], st["logp_BN"].shape[1])].set(logp_B, mode="drop")
+  seen_BV = st["seen_BV"].at[rows, jnp.where(live_B, token_B, st["seen_BV"].shape[1])].set(True, mode="drop")
+  n_B = st["n_B"] + live_B
+  len_B = st["len_B"] + live_B
+  # stop sequences: the last W generated tokens (right-aligned) against each -1-padded table row
+  W = stop_seqs.shape[1]
+  back_W = jnp.arange(W - 1, -1, -1)
+  idx_BW = jnp.clip(len_B[:, None] - 1 - back_W[None], 0, S - 1)
+  last_BW = jnp.take_along_axis(tokens_BS, idx_BW, axis=1)
+  valid_BW = back_W[None] < n_B[:, None]
+  match_BMW = (stop_seqs[None] < 0) | (valid_BW[:, None] & (last_BW[:, None] == stop_seqs[None]))
+  seq_hit_B = jnp.any(jnp.all(match_BMW, -1) & jnp.any(stop_seqs >= 0, -1)[None], -1)
+  hit_B = live_B & (jnp.any(token_B[:, None] == stop_ids[None], -1) | seq_hit_B)
+  finished_B = st["finished_B"] | hit_B
+  done_B = st["done_B"] | finished_B | (n_B >= st["max_new_tokens"])
+  return {**st, "tokens_BS": tokens_BS, "logp_BN": logp_BN, "seen_BV": seen_BV, "n_B": n_B, "len_B": len_B,
+          "finished_B": finished_B, "done_B": done_B}
+
+
+def prefill(params, tokens_BP, len_B, rows, stop_ids, stop_seqs, *, cfg, n: int, max_new: int, k_cap: int):
+  """Cache the prompts, then sample the first token of ``n`` samples per prompt (rows b*n .. b*n+n-1 share
+  prompt b's cache). ``rows`` holds the per-sample arrays [B*n]: sampling values, ``seed_B`` and ``sample_B``."""
+  B, P = tokens_BP.shape
+  S = P + max_new
+  cache = transformer.init_cache(cfg, B, S)
+  h_BPD, cache = transformer.cached_hidden_states(params, tokens_BP, cfg, cache, jnp.zeros(B, jnp.int32))
+  h_BD = jnp.take_along_axis(h_BPD, (len_B - 1)[:, None, None], axis=1)[:, 0]
+  logits_BV = transformer.logits_from_hidden(params, h_BD[:, None], cfg)[:, 0]
+  V = logits_BV.shape[-1]
+  rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis)
+  valid_BP = jnp.arange(P)[None] < len_B[:, None]
+  seen_BV = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], jnp.where(valid_BP, tokens_BP, V)].set(
+      True, mode="drop")
+  tokens_BS = jnp.where(valid_BP, tokens_BP, 0)
+  st = {"cache": {k: sharding.constrain(rep(c, 1), transformer.CACHE_AXES) for k, c in cache.items()},
+        "tokens_BS": rep(jnp.pad(tokens_BS, ((0, 0), (0, max_new)))), "len_B": rep(len_B.astype(jnp.int32)),
+        "n_B": jnp.zeros(B * n, jnp.int32), "done_B": jnp.zeros(B * n, bool), "finished_B": jnp.zeros(B * n, bool),
+        "logp_BN": jnp.zeros((B * n, max_new), jnp.float32), "seen_BV": rep(seen_BV), **rows}
+  token_B, logp_B = _sample(rep(logits_BV), st, stop_ids, k_cap)
+  return _accept(st, token_B, logp_B, stop_ids, stop_seqs)
+
+
+def decode_step(params, cfg, st, stop_ids, stop_seqs, *, k_cap: int):
+  """Feed each row's last token (slot len_b - 1) and sample the next."""
+  B, S = st["tokens_BS"].shape
+  pos_B = st["len_B"] - 1
+  last_B1 = jnp.take_along_axis(st["tokens_BS"], pos_B[:, None], axis=1)
+  h_B1D, cache = transformer.cached_hidden_states(params, last_B1, cfg, st["cache"], pos_B)
+  logits_BV = transformer.logits_from_hidden(params, h_B1D, cfg)[:, 0]
+  token_B, logp_B = _sample(logits_BV, st, stop_ids, k_cap)
+  return _accept({**st, "cache": cache}, token_B, logp_B, stop_ids, stop_seqs)
+
+
+def decode(params, cfg, st, stop_ids, stop_seqs, *, k_cap: int, max_steps: int):
+  """Decode until every row is done (or ``max_steps``): one while_loop, no host sync per token."""
+  def cond(c):
+    i, s = c
+    return (i < max_steps) & ~jnp.all(s["done_B"])
+
+  def body(c):
+    i, s = c
+    return i + 1, decode_step(params, cfg, s, stop_ids, stop_seqs, k_cap=k_cap)
+
+  return jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), st))[1]
+
+
+class Engine:
+  """Compiled prefill/decode for one model. ``generate`` pads the batch to ``batch_size`` and prompts to the next
+  bucket, so each (bucket, n) compiles once; sampling values, seeds and stops are arrays."""
+
+  def __init__(self, params, cfg, *, batch_size: int = 8, max_new_tokens: int = 64, top_k_cap: int = 64,
+               prompt_buckets=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096), pad_id: int = 0, mesh=None,
+               rules=None):
+    self.params, self.cfg, self.batch_size, self.max_new = params, cfg, batch_size, max_new_tokens
+    self.k_cap, self.buckets, self.pad_id = top_k_cap, tuple(sorted(prompt_buckets)), pad_id
+    self._wrap = (lambda f: sharding.bind(f, mesh, rules)) if mesh is not None else (lambda f: f)
+    self._prefills = {}  # one per n
+    self._decode = jax.jit(self._wrap(lambda p, st, ids, seqs: decode(p, cfg, st, ids, seqs, k_cap=top_k_cap,
+                                                                       max_steps=max_new_tokens)),
+                           donate_argnums=(1,))
+
+  def _prefill(self, *args, n):
+    if n not in self._prefills:
+      f = functools.partial(prefill, cfg=self.cfg, n=n, max_new=self.max_new, k_cap=self.k_cap)
+      self._prefills[n] = jax.jit(self._wrap(lambda p, *a: f(p, *a)))
+    return self._prefills[n](*args)
+
+  def bucket(self, length: int) -> int:
+    for b in self.buckets:
+      if length <= b:
+        return b
+    raise ValueError(f"prompt of {length} tokens is longer than the largest bucket ({self.buckets[-1]})")
+
+  def compiled_count(self) -> int:
+    """How many executables prefill and decode hold (for tests: repeated calls must not add any)."""
+    return sum(f._cache_size() for f in self._prefills.values()) + self._decode._cache_size()
+
+  def generate(self, prompts, sampling_params=None, *, n: int = 1, stop_ids=(), stop_sequences=(), seed: int = 0):
+    """Continue each prompt (token ids) ``n`` times. ``sampling_params``: one SamplingParams or one per prompt.
+    Returns a list (per prompt) of n dicts: ``tokens`` (new tokens, a final stop token included), ``logprobs``
+    (fp32, of the temperature-scaled distribution before truncation), ``finished`` (ended by a stop)."""
+    sp = sampling_params or SamplingParams()
+    sps = list(sp) if isinstance(sp, (list, tuple)) else [sp] * len(prompts)
+    if len(sps) != len(prompts):
+      raise ValueError(f"{len(sps)} sampling params for {len(prompts)} prompts")
+    for p in sps:
+      if p.max_new_tokens > self.max_new or p.top_k > self.k_cap:
+        raise ValueError(f"max_new_tokens={p.max_new_tokens} / top_k={p.top_k} exceed the engine's "
+                         f"{self.max_new} / {self.k_cap}")
+    if any(len(p) == 0 for p in prompts):
+      raise ValueError("empty prompt")
+    ids, seqs = stop_table(stop_ids, stop_sequences)
+    out = []
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a bucket
+    for c in range(0, len(order), self.batch_size):
+      chunk = order[c:c + self.batch_size]
+      res = self._run([prompts[i] for i in chunk], [sps[i] for i in chunk], [seed + i for i in chunk], n, ids, seqs)
+      out += list(zip(chunk, res))
+    return [r for _, r in sorted(out, key=lambda x: x[0])]
+
+  def _run(self, prompts, sps, seeds, n, ids, seqs):
+    B, P = self.batch_size, self.bucket(max(len(p) for p in prompts))
+    tokens = np.full((B, P), self.pad_id, np.int32)
+    lens = np.ones(B, np.int32)
+    for i, p in enumerate(prompts):
+      tokens[i, :len(p)] = p
+      lens[i] = len(p)
+    pad_sp = sps + [SamplingParams(max_new_tokens=1)] * (B - len(prompts))
+    rows = {k: np.repeat(v, n) for k, v in row_arrays(pad_sp).items()}
+    rows["max_new_tokens"] = np.where(rows["max_new_tokens"] > 0, rows["max_new_tokens"], self.max_new)
+    # sample j of prompt i draws from seed i, stream j (row seeds are what make a request reproducible)
+    rows["seed_B"] = np.repeat(np.asarray(seeds + [0] * (B - len(prompts)), np.uint32), n)
+    rows["sample_B"] = np.tile(np.arange(n, dtype=np.int32), B)
+    st = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(lens), rows, ids, seqs, n=n)
+    st = self._decode(self.params, st, ids, seqs)
+    got = jax.device_get({k: st[k] for k in ("tokens_BS", "len_B", "n_B", "logp_BN", "finished_B")})
+    res = []
+    for i, p in enumerate(prompts):
+      samples = []
+      for j in range(i * n, i * n + n):
+        k = int(got["n_B"][j])
+        start = len(p)
+        samples.append({"tokens": got["tokens_BS"][j, start:start + k].tolist(),
+                        "logprobs": got["logp_BN"][j, :k].tolist(), "finished": bool(got["finished_B"][j])})
+      res.append(samples)
+    return res

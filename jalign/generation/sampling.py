@@ -1,0 +1,66 @@
+"""Choosing the next token from logits ``[B, V]``: greedy, temperature, top-k, top-p, min-p and repetition
+penalty, every parameter a per-row traced array (changing a value never recompiles), without sorting the
+vocabulary. Log-probs are those of the temperature-scaled distribution before truncation, which is what the
+trainer's forward recomputes (``log_softmax(logits / T)``; greedy rows use T = 1)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+TOP_P_ITERS = 40  # bisection steps on the probability threshold (2**-40: far below float32 probability spacing)
+
+
+def top_k_mask(scaled_BV, top_k_B, k_cap: int):
+  """Tokens among each row's ``top_k`` largest (``top_k`` <= 0: all); ``k_cap`` is the static largest k."""
+  if k_cap <= 0:
+    return jnp.ones(scaled_BV.shape, bool)
+  vals_BK = jax.lax.top_k(scaled_BV, min(k_cap, scaled_BV.shape[-1]))[0]
+  kth_B = jnp.take_along_axis(vals_BK, jnp.clip(top_k_B - 1, 0, vals_BK.shape[-1] - 1)[:, None], axis=-1)
+  return (top_k_B[:, None] <= 0) | (scaled_BV >= kth_B)
+
+
+def top_p_mask(probs_BV, top_p_B):
+  """The smallest set of most probable tokens whose mass reaches ``top_p`` (1: all): the tokens whose
+  probability is at least the largest threshold tau with sum(p >= tau) >= top_p, found by bisection on tau (about
+  40 masked sums over V instead of a sort)."""
+  def body(_, lo_hi):
+    lo, hi = lo_hi
+    mid = 0.5 * (lo + hi)
+    mass = jnp.sum(jnp.where(probs_BV >= mid[:, None], probs_BV, 0.0), axis=-1)
+    ok = mass >= top_p_B
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  B = probs_BV.shape[0]
+  lo, _ = jax.lax.fori_loop(0, TOP_P_ITERS, body, (jnp.zeros(B), jnp.max(probs_BV, axis=-1) * 1.0001 + 1e-30))
+  return (top_p_B[:, None] >= 1.0) | (probs_BV >= lo[:, None])
+
+
+def apply_repetition_penalty(logits_BV, seen_BV, penalty_B):
+  """CTRL's penalty as transformers and NeMo apply it: seen tokens' logits divided by the penalty when positive,
+  multiplied when negative (1: off)."""
+  p = penalty_B[:, None]
+  return jnp.where(seen_BV, jnp.where(logits_BV > 0, logits_BV / p, logits_BV * p), logits_BV)
+
+
+def sample(logits_BV, keys_B, *, temperature_B, top_k_B, top_p_B, min_p_B, k_cap: int, penalty_B=None,
+           seen_BV=None, banned_BV=None):
+  """(token_B, logprob_B): greedy where temperature <= 0, else a draw from the truncated, temperature-scaled
+  distribution. The repetition penalty (``seen_BV``) changes the choice, not the returned log-prob. Truncation
+  order: top-k, then top-p and min-p on the renormalised top-k set (as transformers and vLLM). ``banned_BV``
+  (e.g. stop tokens before ``min_tokens``) are never chosen."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  inv_t_B = 1.0 / jnp.where(temperature_B <= 0, 1.0, temperature_B)
+  logp_BV = jax.nn.log_softmax(logits_BV * inv_t_B[:, None], axis=-1)
+  if seen_BV is not None:
+    logits_BV = apply_repetition_penalty(logits_BV, seen_BV, penalty_B)
+  scaled_BV = logits_BV * inv_t_B[:, None]
+  if banned_BV is not None:
+    scaled_BV = jnp.where(banned_BV, NEG_INF, scaled_BV)
+  mask_BV = top_k_mask(scaled_BV, top_k_B, k_cap) & (scaled_BV > NEG_INF)
+  probs_BV = jax.nn.softmax(jnp.where(mask_BV, scaled_BV, NEG_INF), axis=-1)
+  mask_BV &= top_p_mask(probs_BV, top_p_B)
+  mask_BV &= probs_BV >= (min_p_B * jnp.max(probs_BV, axis=-1))[:, None]
+  drawn_B = jax.vmap(jax.random.categorical)(keys_B, jnp.where(mask_BV, scaled_BV, NEG_INF))
+  token_B = jnp.where(temperature_B <= 0, jnp.argmax(scaled_BV, axis=-1), drawn_B).astype(jnp.int32)
+  return token_B, jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
