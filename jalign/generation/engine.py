@@ -64,16 +64,18 @@ def _row_keys(seed_B, sample_B, n_B):
   return jax.vmap(key)(seed_B, sample_B, n_B)
 
 
-def _sample(logits_BV, st, stop_ids, k_cap):
-  V = logits_BV.shape[-1]
-  is_stop_V = jnp.zeros(V, bool).at[jnp.where(stop_ids >= 0, stop_ids, V)].set(True, mode="drop")
-  banned_BV = (st["n_B"] < st["min_tokens"])[:, None] & is_stop_V[None]
+def _sample(logits_BV, st, k_cap):
+  B, V = logits_BV.shape
+  ids_BN = st["stop_ids"]
+  is_stop_BV = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], jnp.where(ids_BN >= 0, ids_BN, V)].set(
+      True, mode="drop")
+  banned_BV = (st["n_B"] < st["min_tokens"])[:, None] & is_stop_BV
   return sampling.sample(logits_BV, _row_keys(st["seed_B"], st["sample_B"], st["n_B"]), temperature_B=st["temperature"],
                          top_k_B=st["top_k"], top_p_B=st["top_p"], min_p_B=st["min_p"], k_cap=k_cap,
                          penalty_B=st["repetition_penalty"], seen_BV=st["seen_BV"], banned_BV=banned_BV)
 
 
-def _accept(st, token_B, logp_B, stop_ids, stop_seqs):
+def _accept(st, token_B, logp_B):
   """Write the sampled tokens of rows still running at slot len_b, then update lengths and stop flags."""
   B, S = st["tokens_BS"].shape
   live_B = ~st["done_B"]
@@ -85,25 +87,28 @@ def _accept(st, token_B, logp_B, stop_ids, stop_seqs):
   n_B = st["n_B"] + live_B
   len_B = st["len_B"] + live_B
   # stop sequences: the last W generated tokens (right-aligned) against each -1-padded table row
-  W = stop_seqs.shape[1]
+  seqs_BMW = st["stop_seqs"]
+  W = seqs_BMW.shape[-1]
   back_W = jnp.arange(W - 1, -1, -1)
   idx_BW = jnp.clip(len_B[:, None] - 1 - back_W[None], 0, S - 1)
   last_BW = jnp.take_along_axis(tokens_BS, idx_BW, axis=1)
   valid_BW = back_W[None] < n_B[:, None]
-  match_BMW = (stop_seqs[None] < 0) | (valid_BW[:, None] & (last_BW[:, None] == stop_seqs[None]))
-  seq_hit_B = jnp.any(jnp.all(match_BMW, -1) & jnp.any(stop_seqs >= 0, -1)[None], -1)
-  hit_B = live_B & (jnp.any(token_B[:, None] == stop_ids[None], -1) | seq_hit_B)
+  match_BMW = (seqs_BMW < 0) | (valid_BW[:, None] & (last_BW[:, None] == seqs_BMW))
+  seq_hit_B = jnp.any(jnp.all(match_BMW, -1) & jnp.any(seqs_BMW >= 0, -1), -1)
+  hit_B = live_B & (jnp.any(token_B[:, None] == st["stop_ids"], -1) | seq_hit_B)
   finished_B = st["finished_B"] | hit_B
   done_B = st["done_B"] | finished_B | (n_B >= st["max_new_tokens"])
   return {**st, "tokens_BS": tokens_BS, "logp_BN": logp_BN, "seen_BV": seen_BV, "n_B": n_B, "len_B": len_B,
           "finished_B": finished_B, "done_B": done_B}
 
 
-def prefill(params, tokens_BP, len_B, rows, stop_ids, stop_seqs, *, cfg, n: int, max_new: int, k_cap: int):
+def prefill(params, tokens_BP, len_B, rows, *, cfg, n: int, max_new: int, k_cap: int, cache_len: int = 0):
   """Cache the prompts, then sample the first token of ``n`` samples per prompt (rows b*n .. b*n+n-1 share
-  prompt b's cache). ``rows`` holds the per-sample arrays [B*n]: sampling values, ``seed_B`` and ``sample_B``."""
+  prompt b's cache). ``rows`` holds the per-sample arrays [B*n, ...]: sampling values, ``seed_B``, ``sample_B``,
+  ``stop_ids`` [B*n, n_ids] and ``stop_seqs`` [B*n, m, W] (-1 padded). Cache length: ``cache_len`` or P +
+  max_new."""
   B, P = tokens_BP.shape
-  S = P + max_new
+  S = cache_len or P + max_new
   cache = transformer.init_cache(cfg, B, S)
   h_BPD, cache = transformer.cached_hidden_states(params, tokens_BP, cfg, cache, jnp.zeros(B, jnp.int32))
   h_BD = jnp.take_along_axis(h_BPD, (len_B - 1)[:, None, None], axis=1)[:, 0]
@@ -115,25 +120,25 @@ def prefill(params, tokens_BP, len_B, rows, stop_ids, stop_seqs, *, cfg, n: int,
       True, mode="drop")
   tokens_BS = jnp.where(valid_BP, tokens_BP, 0)
   st = {"cache": {k: sharding.constrain(rep(c, 1), transformer.CACHE_AXES) for k, c in cache.items()},
-        "tokens_BS": rep(jnp.pad(tokens_BS, ((0, 0), (0, max_new)))), "len_B": rep(len_B.astype(jnp.int32)),
+        "tokens_BS": rep(jnp.pad(tokens_BS, ((0, 0), (0, S - P)))), "len_B": rep(len_B.astype(jnp.int32)),
         "n_B": jnp.zeros(B * n, jnp.int32), "done_B": jnp.zeros(B * n, bool), "finished_B": jnp.zeros(B * n, bool),
         "logp_BN": jnp.zeros((B * n, max_new), jnp.float32), "seen_BV": rep(seen_BV), **rows}
-  token_B, logp_B = _sample(rep(logits_BV), st, stop_ids, k_cap)
-  return _accept(st, token_B, logp_B, stop_ids, stop_seqs)
+  token_B, logp_B = _sample(rep(logits_BV), st, k_cap)
+  return _accept(st, token_B, logp_B)
 
 
-def decode_step(params, cfg, st, stop_ids, stop_seqs, *, k_cap: int):
+def decode_step(params, cfg, st, *, k_cap: int):
   """Feed each row's last token (slot len_b - 1) and sample the next."""
   B, S = st["tokens_BS"].shape
   pos_B = st["len_B"] - 1
   last_B1 = jnp.take_along_axis(st["tokens_BS"], pos_B[:, None], axis=1)
   h_B1D, cache = transformer.cached_hidden_states(params, last_B1, cfg, st["cache"], pos_B)
   logits_BV = transformer.logits_from_hidden(params, h_B1D, cfg)[:, 0]
-  token_B, logp_B = _sample(logits_BV, st, stop_ids, k_cap)
-  return _accept({**st, "cache": cache}, token_B, logp_B, stop_ids, stop_seqs)
+  token_B, logp_B = _sample(logits_BV, st, k_cap)
+  return _accept({**st, "cache": cache}, token_B, logp_B)
 
 
-def decode(params, cfg, st, stop_ids, stop_seqs, *, k_cap: int, max_steps: int):
+def decode(params, cfg, st, *, k_cap: int, max_steps: int):
   """Decode until every row is done (or ``max_steps``): one while_loop, no host sync per token."""
   def cond(c):
     i, s = c
@@ -141,7 +146,7 @@ def decode(params, cfg, st, stop_ids, stop_seqs, *, k_cap: int, max_steps: int):
 
   def body(c):
     i, s = c
-    return i + 1, decode_step(params, cfg, s, stop_ids, stop_seqs, k_cap=k_cap)
+    return i + 1, decode_step(params, cfg, s, k_cap=k_cap)
 
   return jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), st))[1]
 
@@ -157,8 +162,7 @@ class Engine:
     self.k_cap, self.buckets, self.pad_id = top_k_cap, tuple(sorted(prompt_buckets)), pad_id
     self._wrap = (lambda f: sharding.bind(f, mesh, rules)) if mesh is not None else (lambda f: f)
     self._prefills = {}  # one per n
-    self._decode = jax.jit(self._wrap(lambda p, st, ids, seqs: decode(p, cfg, st, ids, seqs, k_cap=top_k_cap,
-                                                                       max_steps=max_new_tokens)),
+    self._decode = jax.jit(self._wrap(lambda p, st: decode(p, cfg, st, k_cap=top_k_cap, max_steps=max_new_tokens)),
                            donate_argnums=(1,))
 
   def _prefill(self, *args, n):
@@ -179,8 +183,9 @@ class Engine:
 
   def generate(self, prompts, sampling_params=None, *, n: int = 1, stop_ids=(), stop_sequences=(), seed: int = 0):
     """Continue each prompt (token ids) ``n`` times. ``sampling_params``: one SamplingParams or one per prompt.
-    Returns a list (per prompt) of n dicts: ``tokens`` (new tokens, a final stop token included), ``logprobs``
-    (fp32, of the temperature-scaled distribution before truncation), ``finished`` (ended by a stop)."""
+    ``seed``: prompt i uses seed + i, or one seed per prompt (a list). Returns a list (per prompt) of n dicts:
+    ``tokens`` (new tokens, a final stop token included), ``logprobs`` (fp32, of the temperature-scaled
+    distribution before truncation), ``finished`` (ended by a stop)."""
     sp = sampling_params or SamplingParams()
     sps = list(sp) if isinstance(sp, (list, tuple)) else [sp] * len(prompts)
     if len(sps) != len(prompts):
@@ -192,11 +197,12 @@ class Engine:
     if any(len(p) == 0 for p in prompts):
       raise ValueError("empty prompt")
     ids, seqs = stop_table(stop_ids, stop_sequences)
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(len(prompts))]
     out = []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a bucket
     for c in range(0, len(order), self.batch_size):
       chunk = order[c:c + self.batch_size]
-      res = self._run([prompts[i] for i in chunk], [sps[i] for i in chunk], [seed + i for i in chunk], n, ids, seqs)
+      res = self._run([prompts[i] for i in chunk], [sps[i] for i in chunk], [seeds[i] for i in chunk], n, ids, seqs)
       out += list(zip(chunk, res))
     return [r for _, r in sorted(out, key=lambda x: x[0])]
 
@@ -213,8 +219,10 @@ class Engine:
     # sample j of prompt i draws from seed i, stream j (row seeds are what make a request reproducible)
     rows["seed_B"] = np.repeat(np.asarray(seeds + [0] * (B - len(prompts)), np.uint32), n)
     rows["sample_B"] = np.tile(np.arange(n, dtype=np.int32), B)
-    st = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(lens), rows, ids, seqs, n=n)
-    st = self._decode(self.params, st, ids, seqs)
+    rows["stop_ids"] = np.broadcast_to(ids, (B * n,) + ids.shape)
+    rows["stop_seqs"] = np.broadcast_to(seqs, (B * n,) + seqs.shape)
+    st = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(lens), rows, n=n)
+    st = self._decode(self.params, st)
     got = jax.device_get({k: st[k] for k in ("tokens_BS", "len_B", "n_B", "logp_BN", "finished_B")})
     res = []
     for i, p in enumerate(prompts):
@@ -226,3 +234,105 @@ class Engine:
                         "logprobs": got["logp_BN"][j, :k].tolist(), "finished": bool(got["finished_B"][j])})
       res.append(samples)
     return res
+
+
+def decode_chunk(params, cfg, st, *, k_cap: int, steps: int):
+  """``steps`` decode steps (rows already done stay as they are): what a server runs between admissions."""
+  return jax.lax.fori_loop(0, steps, lambda _, s: decode_step(params, cfg, s, k_cap=k_cap), st)
+
+
+def insert(st, row, slot):
+  """Put the one-row state ``row`` (from ``prefill`` with B = 1) into row ``slot`` of the batch state ``st``."""
+  def put(big, small, axis):
+    return jax.lax.dynamic_update_index_in_dim(big, small, slot, axis)
+  cache = {k: put(st["cache"][k], row["cache"][k], 1) for k in st["cache"]}
+  return {**{k: put(v, row[k], 0) for k, v in st.items() if k != "cache"}, "cache": cache}
+
+
+class Slots:
+  """A fixed batch of decode slots that requests join and leave between chunks of decode steps (continuous
+  batching). Each slot's cache holds ``max_prompt`` + ``max_new_tokens`` positions; one prefill compile per
+  prompt bucket, one chunk compile; sampling values, seeds and stops are per-slot arrays.
+
+    slots = Slots(engine, size=16, max_prompt=512)
+    slots.admit(slot, prompt_ids, SamplingParams(...), seed=..., stop_ids=..., stop_sequences=...)
+    for slot, tokens, logprobs, finished, done in slots.step(16): ...
+  """
+
+  def __init__(self, engine: Engine, size: int, max_prompt: int, n_stop_ids: int = 8, n_stop_seqs: int = 4):
+    self.engine, self.size = engine, size
+    self.max_prompt = engine.bucket(max_prompt)
+    self.cache_len = self.max_prompt + engine.max_new
+    self.n_ids, self.n_seqs = n_stop_ids, n_stop_seqs
+    self.active = [False] * size
+    self.emitted = [0] * size  # tokens already handed out per slot
+    eng, cfg = engine, engine.cfg
+    self._prefill = jax.jit(eng._wrap(lambda p, t, l, r: prefill(
+        p, t, l, r, cfg=cfg, n=1, max_new=eng.max_new, k_cap=eng.k_cap, cache_len=self.cache_len)))
+    self._insert = jax.jit(eng._wrap(insert), donate_argnums=(0,))
+    self._chunk = jax.jit(eng._wrap(lambda p, st, steps: decode_chunk(p, cfg, st, k_cap=eng.k_cap, steps=steps)),
+                          static_argnums=(2,), donate_argnums=(1,))
+    # all slots start done: a one-token prompt with max_new_tokens=1, never read
+    self.state = self._prefill_rows([[0]] * size, [SamplingParams(max_new_tokens=1)] * size, [0] * size,
+                                    [()] * size, [()] * size, batch=size)
+
+  def _prefill_rows(self, prompts, sps, seeds, stop_ids, stop_seqs, batch):
+    P = self.engine.bucket(max(len(p) for p in prompts))
+    tokens = np.full((batch, P), self.engine.pad_id, np.int32)
+    for i, p in enumerate(prompts):
+      tokens[i, :len(p)] = p
+    lens = np.asarray([len(p) for p in prompts], np.int32)
+    rows = row_arrays(sps)
+    rows["max_new_tokens"] = np.where(rows["max_new_tokens"] > 0, rows["max_new_tokens"], self.engine.max_new)
+    rows["seed_B"] = np.asarray(seeds, np.uint32)
+    rows["sample_B"] = np.zeros(batch, np.int32)
+    tables = [stop_table(i, s) for i, s in zip(stop_ids, stop_seqs)]
+    rows["stop_ids"] = np.stack([np.pad(t[0], (0, self.n_ids - len(t[0])), constant_values=-1) for t in tables])
+    rows["stop_seqs"] = np.stack([np.pad(t[1], ((0, self.n_seqs - len(t[1])), (0, 0)), constant_values=-1)
+                                  for t in tables])
+    return self._prefill(self.engine.params, jnp.asarray(tokens), jnp.asarray(lens), rows)
+
+  def free(self) -> list[int]:
+    return [i for i, a in enumerate(self.active) if not a]
+
+  def admit(self, slot: int, prompt, sampling_params: SamplingParams, *, seed: int = 0, stop_ids=(),
+            stop_sequences=()):
+    """Prefill ``prompt`` into a free slot; its first token is sampled now and handed out by the next step."""
+    if self.active[slot]:
+      raise ValueError(f"slot {slot} is busy")
+    sp = sampling_params
+    if len(prompt) > self.max_prompt or not prompt:
+      raise ValueError(f"prompt of {len(prompt)} tokens: must be 1..{self.max_prompt}")
+    if sp.max_new_tokens > self.engine.max_new or sp.top_k > self.engine.k_cap:
+      raise ValueError(f"max_new_tokens={sp.max_new_tokens} / top_k={sp.top_k} exceed the engine's "
+                       f"{self.engine.max_new} / {self.engine.k_cap}")
+    if len(stop_ids) > self.n_ids or len(stop_sequences) > self.n_seqs:
+      raise ValueError(f"at most {self.n_ids} stop ids and {self.n_seqs} stop sequences")
+    row = self._prefill_rows([list(prompt)], [sp], [seed], [list(stop_ids)], [list(stop_sequences)], batch=1)
+    self.state = self._insert(self.state, row, jnp.int32(slot))
+    self.active[slot], self.emitted[slot] = True, 0
+
+  def step(self, steps: int = 16):
+    """Run ``steps`` decode steps; returns (slot, new tokens, their logprobs, finished, done) for every active
+    slot, and frees the slots that are done."""
+    if any(self.active):
+      self.state = self._chunk(self.engine.params, self.state, steps)
+    got = jax.device_get({k: self.state[k] for k in ("tokens_BS", "len_B", "n_B", "logp_BN", "finished_B",
+                                                      "done_B")})
+    out = []
+    for s in range(self.size):
+      if not self.active[s]:
+        continue
+      n, start = int(got["n_B"][s]), int(got["len_B"][s]) - int(got["n_B"][s])
+      new = got["tokens_BS"][s, start + self.emitted[s]:start + n].tolist()
+      lps = got["logp_BN"][s, self.emitted[s]:n].tolist()
+      done = bool(got["done_B"][s])
+      out.append((s, new, lps, bool(got["finished_B"][s]), done))
+      self.emitted[s] = n
+      if done:
+        self.active[s] = False
+    return out
+
+  def release(self, slot: int):
+    """Stop handing out a slot's tokens (e.g. a client went away); it is reused by the next admission."""
+    self.active[slot] = False
