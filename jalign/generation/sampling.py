@@ -57,10 +57,18 @@ def sample(logits_BV, keys_B, *, temperature_B, top_k_B, top_p_B, min_p_B, k_cap
   scaled_BV = logits_BV * inv_t_B[:, None]
   if banned_BV is not None:
     scaled_BV = jnp.where(banned_BV, NEG_INF, scaled_BV)
-  mask_BV = top_k_mask(scaled_BV, top_k_B, k_cap) & (scaled_BV > NEG_INF)
-  probs_BV = jax.nn.softmax(jnp.where(mask_BV, scaled_BV, NEG_INF), axis=-1)
-  mask_BV &= top_p_mask(probs_BV, top_p_B)
-  mask_BV &= probs_BV >= (min_p_B * jnp.max(probs_BV, axis=-1))[:, None]
-  drawn_B = jax.vmap(jax.random.categorical)(keys_B, jnp.where(mask_BV, scaled_BV, NEG_INF))
-  token_B = jnp.where(temperature_B <= 0, jnp.argmax(scaled_BV, axis=-1), drawn_B).astype(jnp.int32)
+  greedy_B = jnp.argmax(scaled_BV, axis=-1).astype(jnp.int32)
+
+  def draw():  # skipped when every row is greedy; each filter skipped when no row uses it
+    B, V = scaled_BV.shape
+    ones = lambda: jnp.ones((B, V), bool)
+    mask_BV = jax.lax.cond(jnp.any(top_k_B > 0), lambda: top_k_mask(scaled_BV, top_k_B, k_cap), ones)
+    mask_BV &= scaled_BV > NEG_INF
+    probs_BV = jax.nn.softmax(jnp.where(mask_BV, scaled_BV, NEG_INF), axis=-1)
+    mask_BV &= jax.lax.cond(jnp.any(top_p_B < 1), lambda: top_p_mask(probs_BV, top_p_B), ones)
+    mask_BV &= probs_BV >= (min_p_B * jnp.max(probs_BV, axis=-1))[:, None]
+    drawn_B = jax.vmap(jax.random.categorical)(keys_B, jnp.where(mask_BV, scaled_BV, NEG_INF))
+    return jnp.where(temperature_B <= 0, greedy_B, drawn_B).astype(jnp.int32)
+
+  token_B = jax.lax.cond(jnp.all(temperature_B <= 0), lambda: greedy_B, draw)
   return token_B, jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
