@@ -276,7 +276,7 @@ class Slots:
     self.state = self._prefill_rows([[0]] * size, [SamplingParams(max_new_tokens=1)] * size, [0] * size,
                                     [()] * size, [()] * size, batch=size)
 
-  def _prefill_rows(self, prompts, sps, seeds, stop_ids, stop_seqs, batch):
+  def _prefill_rows(self, prompts, sps, seeds, stop_ids, stop_seqs, batch, samples=None):
     P = self.engine.bucket(max(len(p) for p in prompts))
     tokens = np.full((batch, P), self.engine.pad_id, np.int32)
     for i, p in enumerate(prompts):
@@ -285,7 +285,7 @@ class Slots:
     rows = row_arrays(sps)
     rows["max_new_tokens"] = np.where(rows["max_new_tokens"] > 0, rows["max_new_tokens"], self.engine.max_new)
     rows["seed_B"] = np.asarray(seeds, np.uint32)
-    rows["sample_B"] = np.zeros(batch, np.int32)
+    rows["sample_B"] = np.asarray(samples or [0] * batch, np.int32)
     tables = [stop_table(i, s) for i, s in zip(stop_ids, stop_seqs)]
     rows["stop_ids"] = np.stack([np.pad(t[0], (0, self.n_ids - len(t[0])), constant_values=-1) for t in tables])
     rows["stop_seqs"] = np.stack([np.pad(t[1], ((0, self.n_seqs - len(t[1])), (0, 0)), constant_values=-1)
@@ -295,9 +295,10 @@ class Slots:
   def free(self) -> list[int]:
     return [i for i, a in enumerate(self.active) if not a]
 
-  def admit(self, slot: int, prompt, sampling_params: SamplingParams, *, seed: int = 0, stop_ids=(),
-            stop_sequences=()):
-    """Prefill ``prompt`` into a free slot; its first token is sampled now and handed out by the next step."""
+  def admit(self, slot: int, prompt, sampling_params: SamplingParams, *, seed: int = 0, sample: int = 0,
+            stop_ids=(), stop_sequences=()):
+    """Prefill ``prompt`` into a free slot; its first token is sampled now and handed out by the next step.
+    ``sample``: the stream index under ``seed`` (the n choices of one request share its seed)."""
     if self.active[slot]:
       raise ValueError(f"slot {slot} is busy")
     sp = sampling_params
@@ -308,7 +309,8 @@ class Slots:
                        f"{self.engine.max_new} / {self.engine.k_cap}")
     if len(stop_ids) > self.n_ids or len(stop_sequences) > self.n_seqs:
       raise ValueError(f"at most {self.n_ids} stop ids and {self.n_seqs} stop sequences")
-    row = self._prefill_rows([list(prompt)], [sp], [seed], [list(stop_ids)], [list(stop_sequences)], batch=1)
+    row = self._prefill_rows([list(prompt)], [sp], [seed], [list(stop_ids)], [list(stop_sequences)], batch=1,
+                             samples=[sample])
     self.state = self._insert(self.state, row, jnp.int32(slot))
     self.active[slot], self.emitted[slot] = True, 0
 
@@ -334,5 +336,6 @@ class Slots:
     return out
 
   def release(self, slot: int):
-    """Stop handing out a slot's tokens (e.g. a client went away); it is reused by the next admission."""
+    """End a slot early (a client went away, a stop string matched): it stops decoding and is free again."""
     self.active[slot] = False
+    self.state = {**self.state, "done_B": self.state["done_B"].at[slot].set(True)}
