@@ -2,6 +2,9 @@
 
   python -m jalign.bench sft [--steps 10] [--rounds 2] [--dtypes float32,bfloat16] [--frameworks jalign,torch,trl]
   python -m jalign.bench dpo [--steps 10] [--rounds 2] [--frameworks jalign,torch,trl]
+  python -m jalign.bench generate [--rounds 2] [--batches 1,32] [--new-tokens 128] [--prompt-len 32]
+                                  [--frameworks jalign,transformers,tunix] [--threads N] [--tunix-path DIR]
+  python -m jalign.bench serve [--requests 64] [--new-tokens 128] [--slots 64]
 
 ``sft`` trains one tiny Llama architecture (vocab 8192, hidden 256, 4 layers, 8 heads / 4 KV heads, ffn 768) on
 the same token batches (B=8, T=256, from the embedded SFT data) with jalign, with a plain PyTorch loop
@@ -17,10 +20,26 @@ concatenated [chosen; rejected] forward for the policy and one under no_grad for
 DPOTrainer on the same token ids, alternating in fresh subprocesses. tokens/s counts chosen + rejected rows. It
 also prints the temporary memory XLA reports (``compiled.memory_analysis()``) for the log-prob computation at
 vocabulary 128256.
+
+``generate`` saves one random-init model of the same architecture (fp32) as a jalign model directory, exports it
+with ``jalign-to-hf``, and times jalign's ``Engine``, transformers' ``generate`` (torch CPU) and, where it is
+importable, Tunix's ``Sampler`` on those weights: 32-token prompts from the embedded data, 128 new tokens (every
+row runs the full length: no stop), batch 1 and 32, greedy and top-p (temperature 1.0, top-p 0.9). Each (framework,
+batch, sampling) cell is a fresh subprocess with the same thread count, cells alternating round by round: one
+warm-up call (the "first call" column, compilation included), the median of ``--reps`` timed calls (new tokens/s
+= B * new tokens / time), time to first token (a one-new-token call after its own warm-up) and peak RSS; best
+round per cell, ratios against transformers (and Tunix), and the fraction of greedy rows identical to
+transformers'. ``--tunix-path`` puts a directory holding Tunix (installed aside with ``pip install --target``)
+on the Tunix process's path only; without Tunix its rows are left out.
+
+``serve`` starts ``python -m jalign.serve`` on the shipped SFT model and sends ``--requests`` chat requests of
+exactly ``--new-tokens`` tokens, first one at a time, then all at once from as many threads: aggregate new
+tokens/s of each, and their ratio (what continuous batching buys).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -419,6 +438,243 @@ def bench_convert(workdir: str) -> list[dict]:
   return rows
 
 
+# ---------------------------------------------------------------------------------------------- generate
+
+GEN_PROMPT, GEN_NEW = 32, 128  # prompt tokens, new tokens per row
+GEN_MODES = {"greedy": dict(temperature=0.0, top_p=1.0), "top_p": dict(temperature=1.0, top_p=0.9)}
+
+
+def gen_prompts(batch: int, prompt_len: int) -> np.ndarray:
+  """[batch, prompt_len] token ids: consecutive pieces of the embedded SFT data (ids < 320, the tiny tokenizer's
+  vocabulary, so a pad id of vocab - 1 never occurs in a prompt)."""
+  n = -(-batch * prompt_len // (B * T))
+  return _batches(n).reshape(-1)[:batch * prompt_len].reshape(batch, prompt_len)
+
+
+def make_gen_model(directory: str, arch=None, seed: int = 0) -> tuple[str, str]:
+  """A random-init jalign model (``ARCH``, fp32, PRNGKey(seed)) saved as a jalign model directory and exported
+  with ``jalign-to-hf`` (LlamaForCausalLM), so every framework loads the same weights. Returns (jalign dir, HF
+  dir)."""
+  import jax
+
+  from jalign import checkpoint, convert
+  from jalign.models import ModelConfig, init_params
+  arch = dict(arch or ARCH)
+  cfg = ModelConfig(**arch, scan_unroll=arch["num_layers"])
+  jdir, hdir = os.path.join(directory, "jalign"), os.path.join(directory, "hf")
+  checkpoint.save_model(jdir, jax.device_get(init_params(cfg, jax.random.PRNGKey(seed))), cfg.to_dict())
+  convert.jalign_to_hf(jdir, hdir)
+  return jdir, hdir
+
+
+def _timed(fn, reps: int) -> tuple[float, object]:
+  """(median seconds over ``reps`` calls, the last call's output)."""
+  times, out = [], None
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    out = fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), out
+
+
+def _gen_result(batch, new_tokens, first_s, gen_s, ttft_s, tokens) -> dict:
+  return {"first_call_s": first_s, "gen_s": gen_s, "tokens_per_sec": batch * new_tokens / gen_s, "ttft_s": ttft_s,
+          "tokens": [list(map(int, r)) for r in tokens], "peak_rss_mb": _rss_mb()}
+
+
+def run_jalign_gen(model_dir: str, hf_dir: str, batch: int, mode: str, new_tokens: int, prompt_len: int,
+                   reps: int = 3) -> dict:
+  """jalign's Engine: one warm-up (compiling) call, then ``reps`` timed calls of ``new_tokens`` tokens per row
+  (no stop ids: every row runs the full length) and ``reps`` calls of one new token (time to first token)."""
+  import jax
+
+  from jalign import convert
+  from jalign.generation.engine import Engine, SamplingParams
+  cfg, params, _ = convert.read_jalign_dir(model_dir)
+  params = jax.device_put(params)
+  prompts = gen_prompts(batch, prompt_len).tolist()
+  # top_k_cap=0: no top-k in this benchmark (neither reference runs one), so no lax.top_k per step
+  eng = Engine(params, cfg, batch_size=batch, max_new_tokens=new_tokens, top_k_cap=0, pad_id=cfg.vocab_size - 1,
+               prompt_buckets=(prompt_len,))
+  sp = SamplingParams(**GEN_MODES[mode])
+  sp1 = dataclasses.replace(sp, max_new_tokens=1)
+  run = lambda s: eng.generate(prompts, s, seed=0)
+  first_s, _ = _timed(lambda: run(sp), 1)
+  gen_s, out = _timed(lambda: run(sp), reps)
+  run(sp1)  # same executables (max_new_tokens is a per-row value); one untimed call anyway
+  ttft_s, _ = _timed(lambda: run(sp1), reps)
+  tokens = [r[0]["tokens"] for r in out]
+  assert all(len(t) == new_tokens for t in tokens), [len(t) for t in tokens]
+  return _gen_result(batch, new_tokens, first_s, gen_s, ttft_s, tokens)
+
+
+def run_transformers_gen(model_dir: str, hf_dir: str, batch: int, mode: str, new_tokens: int, prompt_len: int,
+                         reps: int = 3) -> dict:
+  """transformers' ``generate`` (torch CPU, fp32, sdpa attention, its default dynamic KV cache) on the exported
+  weights; ``min_new_tokens`` = ``max_new_tokens`` and no EOS so every row runs the full length; top-k off."""
+  import torch
+  import transformers
+  model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                            attn_implementation="sdpa").eval()
+  ids = torch.from_numpy(gen_prompts(batch, prompt_len)).long()
+  mask = torch.ones_like(ids)
+  m = GEN_MODES[mode]
+  kw = dict(do_sample=False) if m["temperature"] <= 0 else dict(do_sample=True, temperature=m["temperature"],
+                                                                 top_p=m["top_p"], top_k=0)
+  pad = model.config.vocab_size - 1
+
+  def run(n):
+    torch.manual_seed(0)
+    with torch.inference_mode():
+      return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                            eos_token_id=None, pad_token_id=pad, **kw)
+
+  first_s, _ = _timed(lambda: run(new_tokens), 1)
+  gen_s, out = _timed(lambda: run(new_tokens), reps)
+  run(1)
+  ttft_s, _ = _timed(lambda: run(1), reps)
+  tokens = out[:, prompt_len:].numpy()
+  assert tokens.shape == (batch, new_tokens), tokens.shape
+  return _gen_result(batch, new_tokens, first_s, gen_s, ttft_s, tokens)
+
+
+class _IdTokenizer:
+  """Token ids written as space-separated numbers: feeds Tunix's string-based Sampler the same ids."""
+
+  def __init__(self, pad):
+    self.pad = pad
+
+  def encode(self, text, **kw):
+    return [int(t) for t in text.split()]
+
+  def decode(self, ids, **kw):
+    return " ".join(map(str, ids))
+
+  def bos_id(self):
+    return None  # no BOS added
+
+  def eos_id(self):
+    return -1  # never produced: every row runs the full length
+
+  def pad_id(self):
+    return self.pad
+
+
+def run_tunix_gen(model_dir: str, hf_dir: str, batch: int, mode: str, new_tokens: int, prompt_len: int,
+                  reps: int = 3) -> dict:
+  """Tunix's ``Sampler`` with its Llama 3 model loaded from the exported safetensors (fp32). Greedy is its
+  default mode; top-p passes ``temperature``/``top_p`` (no top-k: it sorts the whole vocabulary)."""
+  try:
+    import jax.numpy as jnp
+    from tunix.generate import sampler as tunix_sampler
+    from tunix.models.llama3 import model as tunix_llama
+    from tunix.models.llama3 import params as tunix_params
+  except ImportError as e:
+    return {"not_installed": f"{type(e).__name__}: {e}"}
+  with open(os.path.join(hf_dir, "config.json")) as f:
+    hc = json.load(f)
+  dh = hc.get("head_dim") or hc["hidden_size"] // hc["num_attention_heads"]
+  tcfg = tunix_llama.ModelConfig(num_layers=hc["num_hidden_layers"], vocab_size=hc["vocab_size"],
+                                 embed_dim=hc["hidden_size"], hidden_dim=hc["intermediate_size"],
+                                 num_heads=hc["num_attention_heads"], head_dim=dh,
+                                 num_kv_heads=hc["num_key_value_heads"], rope_theta=hc.get("rope_theta", 10000.0),
+                                 norm_eps=hc["rms_norm_eps"], weight_tying=hc.get("tie_word_embeddings", False))
+  model = tunix_params.create_model_from_safe_tensors(hf_dir, tcfg, mesh=None, dtype=jnp.float32)
+  cache = tunix_sampler.CacheConfig(cache_size=prompt_len + new_tokens, num_layers=tcfg.num_layers,
+                                    num_kv_heads=tcfg.num_kv_heads, head_dim=dh)
+  s = tunix_sampler.Sampler(model, _IdTokenizer(hc["vocab_size"] - 1), cache)
+  strings = [" ".join(map(str, r)) for r in gen_prompts(batch, prompt_len)]
+  m = GEN_MODES[mode]
+  kw = dict(temperature=0.0) if m["temperature"] <= 0 else dict(temperature=m["temperature"], top_p=m["top_p"])
+
+  def run(n):
+    out = s(strings, max_generation_steps=n, max_prompt_length=prompt_len, eos_tokens=[-1], seed=0, **kw)
+    return [np.asarray(t) for t in out.tokens]  # device_get'ed: the work is done
+
+  first_s, _ = _timed(lambda: run(new_tokens), 1)
+  gen_s, out = _timed(lambda: run(new_tokens), reps)
+  run(1)  # a new shape for Tunix (cache and buffers sized for 1 step): compiles
+  ttft_s, _ = _timed(lambda: run(1), reps)
+  assert all(len(t) == new_tokens for t in out), [len(t) for t in out]
+  return _gen_result(batch, new_tokens, first_s, gen_s, ttft_s, out)
+
+
+GEN_RUNNERS = {"jalign": run_jalign_gen, "transformers": run_transformers_gen, "tunix": run_tunix_gen}
+
+
+def _gen_child(framework: str, kwargs: dict, threads: int, tunix_path: str = "") -> dict:
+  env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore",
+             TOKENIZERS_PARALLELISM="false", JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  env.pop("XLA_FLAGS", None)
+  if framework == "tunix" and tunix_path:  # Tunix installed aside (see docs/benchmarks.md), for its process only
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (tunix_path, env.get("PYTHONPATH", "")) if x)
+  pre = f"import torch; torch.set_num_threads({threads}); " if framework == "transformers" else ""
+  code = (f"import json; {pre}from jalign import bench; "
+          f"print('RESULT', json.dumps(bench.GEN_RUNNERS[{framework!r}](**json.loads({json.dumps(kwargs)!r}))))")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+  for line in r.stdout.splitlines():
+    if line.startswith("RESULT "):
+      return json.loads(line[len("RESULT "):])
+  raise RuntimeError(f"{framework} ({kwargs}) failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+
+
+def greedy_agreement(a, b) -> float:
+  """Fraction of rows whose token lists are identical."""
+  return sum(x == y for x, y in zip(a, b)) / max(1, len(a))
+
+
+def bench_generate(rounds: int, batches, frameworks, threads: int, new_tokens: int = GEN_NEW,
+                   prompt_len: int = GEN_PROMPT, reps: int = 3, tunix_path: str = "", arch=None,
+                   workdir: str = "") -> tuple[list[dict], dict]:
+  """Rows (framework, batch, mode) with the best round's tokens/s, and notes (frameworks not installed, greedy
+  agreement with transformers)."""
+  results, notes = {}, {"not_installed": {}, "greedy_match": {}}
+  frameworks = list(frameworks)
+  with tempfile.TemporaryDirectory(dir=workdir or None) as wd:
+    jdir, hdir = make_gen_model(wd, arch)
+    for r in range(rounds):
+      for batch in batches:
+        for mode in GEN_MODES:
+          for fw in list(frameworks):
+            kw = dict(model_dir=jdir, hf_dir=hdir, batch=batch, mode=mode, new_tokens=new_tokens,
+                      prompt_len=prompt_len, reps=reps)
+            res = _gen_child(fw, kw, threads, tunix_path)
+            if "not_installed" in res:
+              notes["not_installed"][fw] = res["not_installed"]
+              frameworks.remove(fw)
+              print(f"  {fw}: not installed ({res['not_installed']})", file=sys.stderr, flush=True)
+              continue
+            results.setdefault((fw, batch, mode), []).append(res)
+            print(f"  round {r + 1}: {fw:12s} batch {batch:3d} {mode:6s} {res['tokens_per_sec']:8.0f} tokens/s  "
+                  f"first token {res['ttft_s'] * 1e3:7.1f} ms  first call {res['first_call_s']:.2f} s",
+                  file=sys.stderr, flush=True)
+  rows = []
+  for (fw, batch, mode), rs in results.items():
+    best = min(rs, key=lambda x: x["gen_s"])  # best round: other load only ever slows a round down
+    rows.append({"framework": fw, "batch": batch, "mode": mode, "tokens_per_sec": best["tokens_per_sec"],
+                 "gen_s": best["gen_s"], "ttft_ms": min(x["ttft_s"] for x in rs) * 1e3,
+                 "first_call_s": min(x["first_call_s"] for x in rs),
+                 "peak_rss_mb": max(x["peak_rss_mb"] for x in rs)})
+    ref = results.get(("transformers", batch, "greedy"))
+    if mode == "greedy" and fw != "transformers" and ref:
+      notes["greedy_match"][f"{fw} batch {batch}"] = greedy_agreement(rs[0]["tokens"], ref[0]["tokens"])
+  return rows, notes
+
+
+def print_gen_table(rows, anchor="transformers", second="tunix"):
+  has2 = any(r["framework"] == second for r in rows)
+  find = lambda fw, r: next((x for x in rows if x["framework"] == fw and x["batch"] == r["batch"]
+                             and x["mode"] == r["mode"]), None)
+  ratio = lambda r, ref: f"{r['tokens_per_sec'] / ref['tokens_per_sec']:.2f}x" if ref else "-"
+  print(f"| framework | batch | sampling | new tokens/s | time to first token (ms) | first call (s) | peak RSS (MB) "
+        f"| vs {anchor} |" + (f" vs {second} |" if has2 else ""))
+  print("|---|---|---|---|---|---|---|---|" + ("---|" if has2 else ""))
+  for r in sorted(rows, key=lambda x: (x["batch"], list(GEN_MODES).index(x["mode"]))):
+    print(f"| {r['framework']} | {r['batch']} | {r['mode'].replace('_', '-')} | {r['tokens_per_sec']:.0f} | "
+          f"{r['ttft_ms']:.1f} | {r['first_call_s']:.2f} | {r['peak_rss_mb']:.0f} | {ratio(r, find(anchor, r))} |"
+          + (f" {ratio(r, find(second, r))} |" if has2 else ""))
+
+
 # ---------------------------------------------------------------------------------------------- driver
 
 def _child(framework, dtype, steps, threads, table="RUNNERS"):
@@ -498,17 +754,78 @@ def print_table(rows, anchor="torch"):
           f"{r['first_step_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['ceiling_gflops']:.0f} | {r['mfu']:.1%} | {ratio} |")
 
 
+def bench_serve(requests: int, new_tokens: int, slots: int, checkpoint: str = "") -> list[dict]:
+  """``python -m jalign.serve`` on a free loopback port: ``requests`` chat requests of exactly ``new_tokens``
+  tokens each (``min_tokens`` = ``max_tokens``), sent one at a time and then all at once from threads."""
+  import concurrent.futures
+  import portpicker
+  import requests as http
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  ckpt = checkpoint or os.path.join(root, "examples", "tiny_sft_model")
+  port = portpicker.pick_unused_port()
+  url = f"http://127.0.0.1:{port}"
+  proc = subprocess.Popen([sys.executable, "-m", "jalign.serve", "--checkpoint", ckpt, "--port", str(port),
+                           "--slots", str(slots), "--max-queue", str(requests), "--max-new-tokens", str(new_tokens),
+                           "--max-prompt-tokens", "64", "--add-bos", "true"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 600
+    while True:
+      try:
+        if http.get(url + "/health", timeout=1).ok:
+          break
+      except http.ConnectionError:
+        pass
+      if proc.poll() is not None or time.time() > deadline:
+        raise RuntimeError(f"server did not start: {proc.stderr.read()[-2000:]}")
+      time.sleep(0.5)
+    body = lambda i: {"model": "jalign", "messages": [{"role": "user", "content": f"What is {10 + i}+{20 + i}?"}],
+                      "max_tokens": new_tokens, "min_tokens": new_tokens, "temperature": 0.0}
+
+    def one(i):
+      r = http.post(url + "/v1/chat/completions", json=body(i), timeout=600)
+      r.raise_for_status()
+      return r.json()["usage"]["completion_tokens"]
+
+    one(0)  # warm-up
+    rows = []
+    for mode in ("one at a time", "concurrent"):
+      t0 = time.perf_counter()
+      if mode == "concurrent":
+        with concurrent.futures.ThreadPoolExecutor(requests) as pool:
+          toks = sum(pool.map(one, range(requests)))
+      else:
+        toks = sum(one(i) for i in range(requests))
+      dt = time.perf_counter() - t0
+      rows.append({"mode": mode, "requests": requests, "tokens": toks, "seconds": dt, "tokens_per_sec": toks / dt})
+    return rows
+  finally:
+    proc.terminate()
+    proc.wait(timeout=120)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m jalign.bench", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("which", choices=["sft", "dpo", "convert"])
+  p.add_argument("which", choices=["sft", "dpo", "generate", "serve", "convert"])
   p.add_argument("--steps", type=int, default=10, help="timed steps per run (after one compile step)")
   p.add_argument("--rounds", type=int, default=3, help="alternating rounds per framework; the best is reported")
   p.add_argument("--dtypes", default="float32,bfloat16")
-  p.add_argument("--frameworks", default="jalign,torch,trl")
+  p.add_argument("--frameworks", default="", help="sft/dpo: jalign,torch,trl (default); generate: "
+                 "jalign,transformers,tunix (default)")
+  p.add_argument("--batches", default="1,32", help="generate: batch sizes")
+  p.add_argument("--new-tokens", type=int, default=GEN_NEW, help="generate: new tokens per row")
+  p.add_argument("--prompt-len", type=int, default=GEN_PROMPT, help="generate: prompt tokens per row")
+  p.add_argument("--reps", type=int, default=3, help="generate: timed calls per cell (median) after a warm-up")
+  p.add_argument("--tunix-path", default=os.environ.get("JALIGN_BENCH_TUNIX_PATH", ""),
+                 help="generate: a directory holding Tunix installed aside (pip install --target), put on "
+                 "PYTHONPATH of the Tunix process only")
+  p.add_argument("--requests", type=int, default=64, help="serve: chat requests per mode")
+  p.add_argument("--slots", type=int, default=64, help="serve: the server's decode slots")
   p.add_argument("--threads", type=int, default=os.cpu_count())
   p.add_argument("--json", default="", help="also write the rows to this file")
-  p.add_argument("--workdir", default="", help="convert: where to write the synthetic checkpoints (temp dir)")
+  p.add_argument("--workdir", default="", help="convert/generate: where to write the synthetic checkpoints "
+                 "(temp dir)")
   a = p.parse_args(argv)
   if a.which == "convert":
     with tempfile.TemporaryDirectory(dir=a.workdir or None) as wd:
@@ -520,6 +837,32 @@ def main(argv=None):
       print(f"| {r['step']} | {r['params'] / 1e9:.2f}B | {r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
             f"{r['model_fp32_mb']:.0f} | {r['source_mb']:.0f} | {r['largest_jalign_tensor_mb']:.0f} |")
     return
+  if a.which == "serve":
+    rows = bench_serve(a.requests, a.new_tokens, a.slots)
+    print("| mode | requests | new tokens | seconds | tokens/s | vs one at a time |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+      print(f"| {r['mode']} | {r['requests']} | {r['tokens']} | {r['seconds']:.2f} | {r['tokens_per_sec']:.0f} | "
+            f"{r['tokens_per_sec'] / rows[0]['tokens_per_sec']:.2f}x |")
+    return
+  if a.which == "generate":
+    frameworks = (a.frameworks or "jalign,transformers,tunix").split(",")
+    batches = [int(b) for b in a.batches.split(",")]
+    print(f"jalign.bench generate: {a.prompt_len}-token prompts, {a.new_tokens} new tokens, batches {batches}, "
+          f"arch={ARCH}, fp32, threads={a.threads} rounds={a.rounds} reps={a.reps}", file=sys.stderr)
+    rows, notes = bench_generate(a.rounds, batches, frameworks, a.threads, a.new_tokens, a.prompt_len, a.reps,
+                                 a.tunix_path, workdir=a.workdir)
+    print_gen_table(rows)
+    for fw, why in notes["not_installed"].items():
+      print(f"\n{fw}: not installed ({why})")
+    if notes["greedy_match"]:
+      print("\ngreedy rows identical to transformers' (fp32): " +
+            ", ".join(f"{k} {v:.0%}" for k, v in notes["greedy_match"].items()))
+    if a.json:
+      with open(a.json, "w") as f:
+        json.dump({"rows": rows, "notes": notes}, f, indent=2)
+    return
+  a.frameworks = a.frameworks or "jalign,torch,trl"
   if a.which == "dpo":
     print(f"jalign.bench dpo: {B} pairs of {PROMPT}-token prompts + {RESP}-token responses, arch={ARCH}, fp32, "
           f"threads={a.threads} steps={a.steps} rounds={a.rounds}", file=sys.stderr)
