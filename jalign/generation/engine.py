@@ -67,9 +67,9 @@ def _row_keys(seed_B, sample_B, n_B):
 def _sample(logits_BV, st, k_cap):
   B, V = logits_BV.shape
   ids_BN = st["stop_ids"]
-  is_stop_BV = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], jnp.where(ids_BN >= 0, ids_BN, V)].set(
-      True, mode="drop")
-  banned_BV = (st["n_B"] < st["min_tokens"])[:, None] & is_stop_BV
+  early_B = st["n_B"] < st["min_tokens"]
+  banned_BV = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], jnp.where(early_B[:, None] & (ids_BN >= 0),
+                                                                            ids_BN, V)].set(True, mode="drop")
   return sampling.sample(logits_BV, _row_keys(st["seed_B"], st["sample_B"], st["n_B"]), temperature_B=st["temperature"],
                          top_k_B=st["top_k"], top_p_B=st["top_p"], min_p_B=st["min_p"], k_cap=k_cap,
                          penalty_B=st["repetition_penalty"], seen_BV=st["seen_BV"], banned_BV=banned_BV)
