@@ -779,7 +779,8 @@ def bench_serve(requests: int, new_tokens: int, slots: int, checkpoint: str = ""
       if proc.poll() is not None or time.time() > deadline:
         raise RuntimeError(f"server did not start: {proc.stderr.read()[-2000:]}")
       time.sleep(0.5)
-    body = lambda i: {"model": "jalign", "messages": [{"role": "user", "content": f"What is {10 + i}+{20 + i}?"}],
+    name = http.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+    body = lambda i: {"model": name, "messages": [{"role": "user", "content": f"What is {10 + i}+{20 + i}?"}],
                       "max_tokens": new_tokens, "min_tokens": new_tokens, "temperature": 0.0}
 
     def one(i):
