@@ -13,8 +13,12 @@ IMPLEMENTATIONS = ("xla",)
 
 
 def attention_reference(q_BTHD, k_BSKD, v_BSKD, *, q_segment_ids_BT=None, kv_segment_ids_BS=None,
-                        q_positions_BT=None, kv_positions_BS=None, causal=True, sliding_window=0, scale=None):
-  """Reference attention; softmax in float32, output in q's dtype."""
+                        q_positions_BT=None, kv_positions_BS=None, causal=True, sliding_window=0, scale=None,
+                        kv_heads_first=False):
+  """Reference attention; softmax in float32, output in q's dtype. ``kv_heads_first``: k and v come as
+  [batch, kv_heads, kv_len, head_dim] (the KV cache's layout), which the matmuls use without a transposed copy."""
+  if kv_heads_first:
+    k_BSKD, v_BSKD = k_BSKD.transpose(0, 2, 1, 3), v_BSKD.transpose(0, 2, 1, 3)  # undone below: no copy
   B, T, H, D = q_BTHD.shape
   S, K = k_BSKD.shape[1], k_BSKD.shape[2]
   G = H // K

@@ -40,6 +40,12 @@ def test_attention_reference_against_loops(H, K, window):
   got = kernels.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), q_segment_ids_BT=jnp.asarray(seg),
                           q_positions_BT=jnp.asarray(pos), kv_positions_BS=jnp.asarray(pos), sliding_window=window)
   np.testing.assert_allclose(np.asarray(got), naive_attention(q, k, v, seg, pos, window), atol=1e-5)
+  # the KV cache's [B, K, S, D] layout gives the same result
+  heads_first = kernels.attention(jnp.asarray(q), jnp.asarray(k.transpose(0, 2, 1, 3)),
+                                  jnp.asarray(v.transpose(0, 2, 1, 3)), q_segment_ids_BT=jnp.asarray(seg),
+                                  q_positions_BT=jnp.asarray(pos), kv_positions_BS=jnp.asarray(pos),
+                                  sliding_window=window, kv_heads_first=True)
+  np.testing.assert_allclose(np.asarray(heads_first), naive_attention(q, k, v, seg, pos, window), atol=1e-5)
 
 
 def test_attention_grads_finite_differences():

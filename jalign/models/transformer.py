@@ -260,13 +260,14 @@ def _proj(names, x, layer, lora, cfg, dt, drop_key):
   return ys
 
 
-CACHE_AXES = ("layers", "batch", None, "act_kv_heads", None)
+CACHE_AXES = ("layers", "batch", "act_kv_heads", None, None)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
-  """KV cache ``{"k", "v": [layers, batch, length, kv_heads, head_dim]}`` in the compute dtype; slot s of a row
-  holds the keys/values of the token at position s."""
-  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.dh)
+  """KV cache ``{"k", "v": [layers, batch, kv_heads, length, head_dim]}`` in the compute dtype (heads before
+  slots: the attention matmuls read it without a transposed copy); slot s of a row holds the keys/values of the
+  token at position s."""
+  shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.dh)
   return {n: sharding.constrain(jnp.zeros(shape, cfg.dtype), CACHE_AXES) for n in ("k", "v")}
 
 
@@ -287,13 +288,14 @@ def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids
     cache, i = kv
     B, T = positions_BT.shape
     rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-    cache = {n: c.at[i, rows_BT, positions_BT].set(x.astype(c.dtype)) for (n, c), x in zip(cache.items(), (k, v))}
+    # [B, T, K, D] rows written at [i, b, :, position_bt, :]
+    cache = {n: c.at[i, rows_BT, :, positions_BT].set(x.astype(c.dtype)) for (n, c), x in zip(cache.items(), (k, v))}
     cache = {n: sharding.constrain(c, CACHE_AXES) for n, c in cache.items()}
-    k, v = (jax.lax.dynamic_index_in_dim(cache[n], i, 0, keepdims=False) for n in ("k", "v"))
-    kv_positions_BS = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (B, k.shape[1]))
+    k, v = (jax.lax.dynamic_index_in_dim(cache[n], i, 0, keepdims=False) for n in ("k", "v"))  # [B, K, S, D]
+    kv_positions_BS = jnp.broadcast_to(jnp.arange(k.shape[2], dtype=jnp.int32), (B, k.shape[2]))
   attn = kernels.attention(q, k, v, implementation=cfg.attention, q_segment_ids_BT=segment_ids_BT,
                            q_positions_BT=positions_BT, kv_positions_BS=kv_positions_BS, causal=True,
-                           sliding_window=cfg.sliding_window)
+                           sliding_window=cfg.sliding_window, kv_heads_first=kv is not None)
   (o,) = _proj(("o",), attn, layer, lora, cfg, dt, drop_key)
   x_BTD = sharding.constrain(x_BTD + o, ("batch", "length", "act_embed"))
   h = rms_norm(x_BTD, layer["mlp_norm"], cfg.rms_norm_eps, cfg.norm_offset)
