@@ -603,19 +603,9 @@ GEN_RUNNERS = {"jalign": run_jalign_gen, "transformers": run_transformers_gen, "
 
 
 def _gen_child(framework: str, kwargs: dict, threads: int, tunix_path: str = "") -> dict:
-  env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore",
-             TOKENIZERS_PARALLELISM="false", JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-  env.pop("XLA_FLAGS", None)
-  if framework == "tunix" and tunix_path:  # Tunix installed aside (see docs/benchmarks.md), for its process only
-    env["PYTHONPATH"] = os.pathsep.join(x for x in (tunix_path, env.get("PYTHONPATH", "")) if x)
-  pre = f"import torch; torch.set_num_threads({threads}); " if framework == "transformers" else ""
-  code = (f"import json; {pre}from jalign import bench; "
-          f"print('RESULT', json.dumps(bench.GEN_RUNNERS[{framework!r}](**json.loads({json.dumps(kwargs)!r}))))")
-  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-  for line in r.stdout.splitlines():
-    if line.startswith("RESULT "):
-      return json.loads(line[len("RESULT "):])
-  raise RuntimeError(f"{framework} ({kwargs}) failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+  # Tunix installed aside (see docs/benchmarks.md) goes on its process's path only
+  return _in_child(f"GEN_RUNNERS[{framework!r}](**json.loads({json.dumps(kwargs)!r}))", threads,
+                   framework == "transformers", f"{framework} ({kwargs})", tunix_path if framework == "tunix" else "")
 
 
 def greedy_agreement(a, b) -> float:
@@ -677,20 +667,25 @@ def print_gen_table(rows, anchor="transformers", second="tunix"):
 
 # ---------------------------------------------------------------------------------------------- driver
 
-def _child(framework, dtype, steps, threads, table="RUNNERS"):
+def _in_child(call: str, threads: int, with_torch: bool, label: str, pythonpath: str = "") -> dict:
+  """``bench.<call>`` in a fresh Python process limited to ``threads`` threads; returns the dict it prints."""
   env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore",
              TOKENIZERS_PARALLELISM="false", JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   env.pop("XLA_FLAGS", None)
-  code = (f"import json, torch; torch.set_num_threads({threads}); from jalign import bench; "
-          f"print('RESULT', json.dumps(bench.{table}[{framework!r}]({dtype!r}, {steps})))"
-          if framework != "jalign" else
-          f"import json; from jalign import bench; "
-          f"print('RESULT', json.dumps(bench.{table}[{framework!r}]({dtype!r}, {steps})))")
+  if pythonpath:
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (pythonpath, env.get("PYTHONPATH", "")) if x)
+  pre = f"import torch; torch.set_num_threads({threads}); " if with_torch else ""
+  code = f"import json; {pre}from jalign import bench; print('RESULT', json.dumps(bench.{call}))"
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
   for line in r.stdout.splitlines():
     if line.startswith("RESULT "):
       return json.loads(line[len("RESULT "):])
-  raise RuntimeError(f"{framework} ({dtype}) failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+  raise RuntimeError(f"{label} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+
+
+def _child(framework, dtype, steps, threads, table="RUNNERS"):
+  return _in_child(f"{table}[{framework!r}]({dtype!r}, {steps})", threads, framework != "jalign",
+                   f"{framework} ({dtype})")
 
 
 def bench_sft(steps: int, rounds: int, dtypes, frameworks, threads: int) -> list[dict]:

@@ -181,8 +181,8 @@ def to_global(local_batch: dict, batch_shardings: dict) -> dict:
 
 
 def run(*, state, train_step, eval_fn, data_iter, batch_shardings, max_steps: int, start_step: int,
-        checkpointer, ckpt_every: int, ckpt_meta: dict | None = None, eval_every: int, writer, progress, global_batch: int, seq_len: int,
-        flops_per_token: float = 0.0, peak_flops: float = 0.0, on_step=None):
+        checkpointer, ckpt_every: int, ckpt_meta: dict | None = None, eval_every: int, writer, progress,
+        global_batch: int, seq_len: int, flops_per_token: float = 0.0, peak_flops: float = 0.0, on_step=None):
   """Run steps start_step+1 .. max_steps. Returns (state, final step, stop reason)."""
   consumed = start_step * global_batch
   reason = "done"

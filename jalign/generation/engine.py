@@ -206,18 +206,25 @@ class Engine:
       out += list(zip(chunk, res))
     return [r for _, r in sorted(out, key=lambda x: x[0])]
 
-  def _run(self, prompts, sps, seeds, n, ids, seqs):
-    B, P = self.batch_size, self.bucket(max(len(p) for p in prompts))
-    tokens = np.full((B, P), self.pad_id, np.int32)
-    lens = np.ones(B, np.int32)
+  def inputs(self, prompts, sps, seeds, batch: int):
+    """Prompt tokens right-padded to [batch, bucket], their lengths, and the per-row sampling arrays (with
+    ``seed_B``); rows past the prompts are one-token fillers that stop at once."""
+    tokens = np.full((batch, self.bucket(max(len(p) for p in prompts))), self.pad_id, np.int32)
+    lens = np.ones(batch, np.int32)
     for i, p in enumerate(prompts):
       tokens[i, :len(p)] = p
       lens[i] = len(p)
-    pad_sp = sps + [SamplingParams(max_new_tokens=1)] * (B - len(prompts))
-    rows = {k: np.repeat(v, n) for k, v in row_arrays(pad_sp).items()}
+    fill = batch - len(prompts)
+    rows = row_arrays(list(sps) + [SamplingParams(max_new_tokens=1)] * fill)
     rows["max_new_tokens"] = np.where(rows["max_new_tokens"] > 0, rows["max_new_tokens"], self.max_new)
+    rows["seed_B"] = np.asarray(list(seeds) + [0] * fill, np.uint32)
+    return tokens, lens, rows
+
+  def _run(self, prompts, sps, seeds, n, ids, seqs):
+    B = self.batch_size
+    tokens, lens, rows = self.inputs(prompts, sps, seeds, B)
     # sample j of prompt i draws from seed i, stream j (row seeds are what make a request reproducible)
-    rows["seed_B"] = np.repeat(np.asarray(seeds + [0] * (B - len(prompts)), np.uint32), n)
+    rows = {k: np.repeat(v, n) for k, v in rows.items()}
     rows["sample_B"] = np.tile(np.arange(n, dtype=np.int32), B)
     rows["stop_ids"] = np.broadcast_to(ids, (B * n,) + ids.shape)
     rows["stop_seqs"] = np.broadcast_to(seqs, (B * n,) + seqs.shape)
@@ -277,14 +284,7 @@ class Slots:
                                     [()] * size, [()] * size, batch=size)
 
   def _prefill_rows(self, prompts, sps, seeds, stop_ids, stop_seqs, batch, samples=None):
-    P = self.engine.bucket(max(len(p) for p in prompts))
-    tokens = np.full((batch, P), self.engine.pad_id, np.int32)
-    for i, p in enumerate(prompts):
-      tokens[i, :len(p)] = p
-    lens = np.asarray([len(p) for p in prompts], np.int32)
-    rows = row_arrays(sps)
-    rows["max_new_tokens"] = np.where(rows["max_new_tokens"] > 0, rows["max_new_tokens"], self.engine.max_new)
-    rows["seed_B"] = np.asarray(seeds, np.uint32)
+    tokens, lens, rows = self.engine.inputs(prompts, sps, seeds, batch)
     rows["sample_B"] = np.asarray(samples or [0] * batch, np.int32)
     tables = [stop_table(i, s) for i, s in zip(stop_ids, stop_seqs)]
     rows["stop_ids"] = np.stack([np.pad(t[0], (0, self.n_ids - len(t[0])), constant_values=-1) for t in tables])
