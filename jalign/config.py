@@ -85,6 +85,40 @@ def base_config() -> ml_collections.ConfigDict:
       num_attributes=1, reward_index=0, center_coef=0.0, label_range=(0.0, 4.0),
   ))
 
+  # Online RL (algorithm=ppo | grpo | rloo | rs | online_dpo); defaults follow NeMo-Aligner (PPO, RLOO, RS) and
+  # TRL (GRPO). A rollout = rollout.num_prompts prompts x rollout.num_generations samples; the trainer takes
+  # rollout rows / train.global_batch_size steps per pass over it (x rollout.epochs).
+  c.rollout = ml_collections.ConfigDict(dict(
+      num_prompts=8, num_generations=4, max_new_tokens=16, max_prompt_len=64,
+      temperature=1.0, top_k=0, top_p=1.0, epochs=1,
+      eval_prompts=64,  # greedy responses to the first N eval prompts at every eval
+  ))
+  c.reward = ml_collections.ConfigDict(dict(
+      sources=("fn:jalign.toy:reward",),  # fn:package.module:function | rm:RUN_OR_MODEL_DIR[@attribute] | http(s)://...
+      weights=(),  # one per source; default 1.0 each
+      standardize=False, mean=0.0, std=1.0,  # r <- (r - mean) / std (NeMo-Aligner's reward_standardization)
+  ))
+  c.ppo = ml_collections.ConfigDict(dict(
+      kl_coef=0.01, use_absolute_kl=True, gamma=1.0, lam=0.95, normalize_advantages=True, ratio_eps=0.2,
+      dual_clip=0.0,  # c > 1: dual-clip PPO
+      value_clip=0.2, entropy_coef=0.0, critic_lr=9e-6,
+      critic_checkpoint="",  # default: the first rm: reward source, else model.checkpoint (zero value head)
+      unfinished="mask",  # mask | penalty | keep: samples not ended by a stop token
+      unfinished_penalty=1.0,
+      adaptive_kl_target=0.0, adaptive_kl_horizon=10000,  # target > 0: Ziegler et al.'s adaptive KL coefficient
+  ))
+  c.grpo = ml_collections.ConfigDict(dict(
+      scale_rewards="group",  # group | batch | none
+      loss_agg="token_mean",  # token_mean | sequence_mean | dr_grpo
+      epsilon_low=0.2, epsilon_high=0.2, beta=0.0, kl_estimator="k2",  # k1 | abs | k2 | k3
+      mask_truncated=False, overlong_buffer=0, overlong_penalty=1.0,
+      tis_cap=0.0,  # > 0: truncated importance sampling against the sampler's log-probs, capped
+      dynamic_sampling=False, max_sampling_rounds=4,  # refill groups whose rewards are all equal
+  ))
+  c.rloo = ml_collections.ConfigDict(dict(kl_coef=0.01, use_absolute_kl=True, unfinished="mask"))  # mask | keep
+  c.rs = ml_collections.ConfigDict(dict(top_n=1))
+  c.online_dpo = ml_collections.ConfigDict(dict(beta=0.1, loss="dpo"))  # dpo | ipo | hinge
+
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=sharding.DEFAULT_RULES))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=100, keep=3, async_save=True,
@@ -230,10 +264,13 @@ def _merge(dst, src):
 
 def validate(cfg):
   t, d, o = cfg.train, cfg.data, cfg.optim
-  algos = ("sft", "rm", "dpo", "kto")
+  algos = ("sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo", "rs", "online_dpo")
   if cfg.algorithm not in algos:
     raise ConfigError(f"algorithm={cfg.algorithm!r}: available: {', '.join(algos)}")
-  _validate_preference(cfg)
+  if cfg.algorithm in ("ppo", "grpo", "rloo", "rs", "online_dpo"):
+    _validate_rl(cfg)
+  else:
+    _validate_preference(cfg)
   if t.max_steps <= 0:
     raise ConfigError(f"train.max_steps must be > 0, got {t.max_steps}")
   if t.global_batch_size <= 0:
@@ -283,6 +320,71 @@ def _validate_preference(cfg):
       raise ConfigError(f"rm.reward_index={r.reward_index} must be in [0, rm.num_attributes={r.num_attributes})")
     if len(r.label_range) != 2 or r.label_range[0] > r.label_range[1]:
       raise ConfigError(f"rm.label_range={r.label_range!r}: expected (low, high)")
+
+
+def _choice(value, key, options):
+  if value not in options:
+    raise ConfigError(f"{key}={value!r}: choose from {', '.join(options)}")
+
+
+def _validate_rl(cfg):
+  from jalign.algorithms import grpo, pg
+  from jalign.rl import rewards
+  ro, a = cfg.rollout, cfg.algorithm
+  if a == "online_dpo" and ro.num_generations != 2:
+    raise ConfigError(f"online_dpo ranks two samples per prompt: set rollout.num_generations=2 (got "
+                      f"{ro.num_generations})")
+  if a in ("grpo", "rloo") and ro.num_generations < 2:
+    raise ConfigError(f"{a} compares samples within a group: rollout.num_generations must be >= 2")
+  for k in ("num_prompts", "num_generations", "max_new_tokens", "max_prompt_len", "epochs"):
+    if ro[k] <= 0:
+      raise ConfigError(f"rollout.{k} must be > 0, got {ro[k]}")
+  if not 0 < ro.top_p <= 1 or ro.temperature < 0 or ro.top_k < 0:
+    raise ConfigError("rollout.top_p must be in (0, 1], rollout.temperature and rollout.top_k >= 0")
+  if a in ("ppo", "grpo", "rloo") and ro.temperature == 0:
+    raise ConfigError(f"{a} samples its rollouts: rollout.temperature must be > 0")
+  rows = {"rs": ro.num_prompts * cfg.rs.top_n, "online_dpo": ro.num_prompts}.get(a, ro.num_prompts * ro.num_generations)
+  gb = cfg.train.global_batch_size
+  if rows % gb:
+    raise ConfigError(f"a rollout gives {rows} training rows, not a multiple of train.global_batch_size={gb} "
+                      "(rollout.num_prompts x num_generations, or rs.top_n / pairs)")
+  steps = rows // gb * ro.epochs
+  if cfg.train.max_steps % steps or cfg.checkpoint.every_steps % steps:
+    raise ConfigError(f"train.max_steps={cfg.train.max_steps} and checkpoint.every_steps="
+                      f"{cfg.checkpoint.every_steps} must be multiples of the {steps} steps per rollout "
+                      "(checkpoints are written between rollouts)")
+  if cfg.reference not in ("auto", "copy", "lora_off"):
+    raise ConfigError(f"reference={cfg.reference!r}: online RL takes auto, copy or lora_off")
+  if cfg.reference == "lora_off" and not cfg.model.lora.rank:
+    raise ConfigError("reference='lora_off' needs LoRA (model.lora.rank > 0)")
+  if cfg.data.packing:
+    raise ConfigError("data.packing is for SFT; RL rows are one prompt and response each")
+  if not cfg.reward.sources:
+    raise ConfigError("reward.sources is empty")
+  if cfg.reward.weights and len(cfg.reward.weights) != len(cfg.reward.sources):
+    raise ConfigError(f"reward.weights has {len(cfg.reward.weights)} values for {len(cfg.reward.sources)} sources")
+  if cfg.reward.standardize and cfg.reward.std <= 0:
+    raise ConfigError("reward.std must be > 0")
+  for s in cfg.reward.sources:
+    try:
+      rewards.check_spec(s)
+    except ValueError as e:
+      raise ConfigError(f"reward.sources: {e}") from None
+  g, p = cfg.grpo, cfg.ppo
+  _choice(g.scale_rewards, "grpo.scale_rewards", grpo.SCALES)
+  _choice(g.loss_agg, "grpo.loss_agg", grpo.AGGREGATIONS)
+  _choice(g.kl_estimator, "grpo.kl_estimator", pg.KL_ESTIMATORS)
+  _choice(p.unfinished, "ppo.unfinished", ("mask", "penalty", "keep"))
+  _choice(cfg.rloo.unfinished, "rloo.unfinished", ("mask", "keep"))
+  _choice(cfg.online_dpo.loss, "online_dpo.loss", ("dpo", "ipo", "hinge"))
+  if g.overlong_buffer < 0 or g.overlong_buffer >= ro.max_new_tokens:
+    raise ConfigError(f"grpo.overlong_buffer={g.overlong_buffer} must be in [0, rollout.max_new_tokens)")
+  if not 1 <= cfg.rs.top_n <= ro.num_generations:
+    raise ConfigError(f"rs.top_n={cfg.rs.top_n} must be in [1, rollout.num_generations]")
+  if p.dual_clip and p.dual_clip <= 1:
+    raise ConfigError(f"ppo.dual_clip={p.dual_clip} must be > 1 (or 0: off)")
+  if cfg.online_dpo.beta <= 0:
+    raise ConfigError("online_dpo.beta must be > 0")
 
 
 def to_json(cfg) -> str:

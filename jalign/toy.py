@@ -6,6 +6,7 @@ all exact because ``answer`` and ``grade`` are programs.
 from __future__ import annotations
 
 import random
+import re
 import string
 
 
@@ -61,7 +62,52 @@ def attributes(question: str, response: str) -> dict:
   if response.strip() == right:
     correct = 4
   elif question.startswith("What is ") and response.strip().isdigit():
-    correct = max(0, 3 - abs(int(response) - int(right)))
+    correct = max(0, 3 - abs(int(response.strip()) - int(right)))
   else:
     correct = sum(a == b for a, b in zip(response.strip(), right)) * 2 // max(len(right), 1)
   return {"helpfulness": correct, "correctness": correct, "verbosity": min(4, len(response.strip()) - 1)}
+
+
+# a toy question inside a longer text (a rendered prompt, a user turn with more around it)
+_QUESTION = re.compile(r"What is \d+\+\d+\?|Reverse [^\s.]+\.")
+
+
+def _content(c) -> str | None:
+  """A message's text: a string, or the text parts of a list of content parts."""
+  if isinstance(c, list):
+    return "".join(p.get("text", "") for p in c if isinstance(p, dict))
+  return c if isinstance(c, str) else None
+
+
+def _user_turn(row) -> str | None:
+  """The last user turn of a NeMo chat row or a TRL messages/prompt row, or a string prompt/input."""
+  if not isinstance(row, dict):
+    return None
+  if isinstance(row.get("conversations"), list):
+    turns = [t.get("value") for t in row["conversations"] if isinstance(t, dict) and t.get("from") == "User"]
+    return turns[-1] if turns else None
+  for key in ("messages", "prompt"):
+    if isinstance(row.get(key), list):
+      turns = [_content(m.get("content")) for m in row[key] if isinstance(m, dict) and m.get("role") == "user"]
+      if turns:
+        return turns[-1]
+  for key in ("prompt", "input"):
+    if isinstance(row.get(key), str):
+      return row[key]
+  return None
+
+
+def _question(prompt: str, row) -> str:
+  for text in (_user_turn(row), prompt):
+    found = _QUESTION.findall(text) if isinstance(text, str) else []
+    if found:
+      return found[-1]
+  raise ValueError(f"no toy question ('What is a+b?' or 'Reverse word.') in the row or the prompt {prompt!r:.100}")
+
+
+def reward(prompts, responses, rows) -> list[float]:
+  """The toy grader as an online-RL reward (``fn:jalign.toy:reward``): ``attributes(question, response)
+  ["correctness"] / 4``, 1.0 exactly when ``grade`` is true and partial credit below. The question is the last
+  user turn of the row (NeMo chat or TRL), else the last toy question found in the prompt text."""
+  return [attributes(_question(p, row), r)["correctness"] / 4
+          for p, r, row in zip(prompts, responses, rows, strict=True)]

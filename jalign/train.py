@@ -13,6 +13,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 # Bad input must print one line, not a wall of traceback: these are the errors we explain ourselves.
 from jalign import config as config_lib
 
@@ -74,297 +76,325 @@ def show_samples(title, params, model_cfg, tok, examples, cfg, progress):
   return rows
 
 
+class Run:
+  """What the phases of a run share: config, process, tokenizer, model config, mesh, shardings and state
+  builders. Each phase below fills in its part."""
+
+  def __init__(self, cfg, workdir):
+    self.cfg, self.workdir = cfg, os.path.abspath(workdir)
+
+  def policy(self, st):
+    """The policy's params (trainable and frozen) from a train state: no reference copy, no critic."""
+    from jalign.algorithms import common
+    return common.policy_params({**st["frozen"], **st["params"]})
+
+
 def run(cfg, workdir: str, on_step=None) -> dict:
   """Train; returns a summary dict (with the final ``state``). ``on_step(step, metrics)`` is called each step."""
+  r = setup(cfg, workdir)
+  load_data(r)
+  build_state(r)
+  build_steps(r)
+  source, eval_fn = build_source(r)
+  state = start_state(r, source)
+  return loop_and_finish(r, state, source, eval_fn, on_step)
+
+
+def setup(cfg, workdir) -> Run:
+  """Processes, checkpoint directory (and the resume check), algorithm, model config, tokenizer, mesh."""
   import jax
-  import jax.numpy as jnp
-  import numpy as np
 
-  from jalign import algorithms, checkpoint, data, sharding, trainer
-  from jalign.algorithms import common
-  from jalign.metrics import MetricWriter, Progress
-  from jalign.models import init_params, lora, param_axes, param_shapes, transformer
-
+  from jalign import algorithms, checkpoint, data, sharding
   sharding.maybe_initialize_distributed(cfg)
-  pid, nproc = jax.process_index(), jax.process_count()
-  main_proc = pid == 0
-  workdir = os.path.abspath(workdir)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep,
-                                 cfg.checkpoint.async_save)
-  start_step = ckpt.latest_step() or 0
-  data_digest = file_digest(cfg.data.train_path) if cfg.data.train_path else ""
-  resume_meta = ckpt.read_meta(start_step) if start_step else None
-  if start_step:
-    check_resume(resume_meta, cfg, data_digest, start_step)
-  if main_proc:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+  r = Run(cfg, workdir)
+  r.pid, r.nproc = jax.process_index(), jax.process_count()
+  r.main_proc = r.pid == 0
+  r.ckpt = checkpoint.Checkpointer(os.path.join(r.workdir, "checkpoints"), cfg.checkpoint.keep,
+                                   cfg.checkpoint.async_save)
+  r.start_step = r.ckpt.latest_step() or 0
+  r.data_digest = file_digest(cfg.data.train_path) if cfg.data.train_path else ""
+  r.resume_meta = r.ckpt.read_meta(r.start_step) if r.start_step else None
+  if r.start_step:
+    check_resume(r.resume_meta, cfg, r.data_digest, r.start_step)
+  if r.main_proc:
+    os.makedirs(r.workdir, exist_ok=True)
+    with open(os.path.join(r.workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
-
-  algo = algorithms.get(cfg.algorithm)
-  model_cfg = model_config_for(cfg)
-  if hasattr(algo, "model_overrides"):
-    model_cfg = dataclasses.replace(model_cfg, **algo.model_overrides(cfg))
+  r.algo = algorithms.get(cfg.algorithm)
+  r.rl = cfg.algorithm in algorithms.RL
+  r.model_cfg = model_config_for(cfg)
+  if hasattr(r.algo, "model_overrides"):
+    r.model_cfg = dataclasses.replace(r.model_cfg, **r.algo.model_overrides(cfg))
   tok_path = cfg.tokenizer.path or (checkpoint.resolve_model_dir(cfg.model.checkpoint) if cfg.model.checkpoint
                                     else "")
-  tok = data.load_tokenizer(tok_path)
-  if cfg.tokenizer.chat_template == "hf" and not tok.chat_template:
-    raise config_lib.ConfigError(f"tokenizer.chat_template=hf but the tokenizer ({tok.path}) has no chat "
+  r.tok = data.load_tokenizer(tok_path)
+  if cfg.tokenizer.chat_template == "hf" and not r.tok.chat_template:
+    raise config_lib.ConfigError(f"tokenizer.chat_template=hf but the tokenizer ({r.tok.path}) has no chat "
                                  "template in tokenizer_config.json; use tokenizer.chat_template=nemo")
-  if tok.vocab_size > model_cfg.vocab_size:
-    raise config_lib.ConfigError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size="
-                                 f"{model_cfg.vocab_size}")
-
-  # ---- data
-  if not cfg.data.train_path:
-    raise config_lib.ConfigError("data.train_path is empty")
-  rows, n_train, skipped, _ = algo.load_data(cfg.data.train_path, tok, cfg)
-  eval_rows, eval_ex, n_eval = None, [], 0
-  if cfg.data.eval_path:
-    eval_rows, n_eval, eval_skipped, eval_ex = algo.load_data(cfg.data.eval_path, tok, cfg)
-    skipped += eval_skipped
-  T = cfg.data.max_seq_len
-  gb = cfg.train.global_batch_size
-
-  # ---- mesh, shardings
+  if r.tok.vocab_size > r.model_cfg.vocab_size:
+    raise config_lib.ConfigError(f"tokenizer has {r.tok.vocab_size} tokens but model.vocab_size="
+                                 f"{r.model_cfg.vocab_size}")
   try:
-    mesh = sharding.make_mesh(cfg.mesh)
-    rules = sharding.rules_from_config(cfg.mesh.rules)
+    r.mesh = sharding.make_mesh(cfg.mesh)
+    r.rules = sharding.rules_from_config(cfg.mesh.rules)
   except ValueError as e:
     raise config_lib.ConfigError(f"{e} (mesh.data, mesh.fsdp, mesh.tensor, mesh.rules)") from None
-  dp = mesh.shape["data"] * mesh.shape["fsdp"]
-  mbs = cfg.train.micro_batch_size or gb // dp
-  if gb % (mbs * dp):
-    raise config_lib.ConfigError(f"train.global_batch_size={gb} must be a multiple of train.micro_batch_size="
+  r.gb = cfg.train.global_batch_size
+  dp = r.mesh.shape["data"] * r.mesh.shape["fsdp"]
+  mbs = cfg.train.micro_batch_size or r.gb // dp
+  if r.gb % (mbs * dp):
+    raise config_lib.ConfigError(f"train.global_batch_size={r.gb} must be a multiple of train.micro_batch_size="
                                  f"{mbs} x data-parallel size {dp}")
-  n_micro = gb // (mbs * dp)
-  batch_axes = algo.batch_axes(cfg)
-  ref_mode = reference_mode(cfg)
-  row_shapes = {k: rows[k].shape[1:] for k in batch_axes if k != "ref_logps"}
-  row_shapes.setdefault("ref_logps", (2,))
-  batch_sh = {k: sharding.named_sharding(ax, rules, mesh, (gb,) + row_shapes[k]) for k, ax in batch_axes.items()}
+  r.n_micro = r.gb // (mbs * dp)
+  r.ref_mode = reference_mode(cfg)
+  return r
 
-  axes = param_axes(model_cfg)
-  shapes = param_shapes(model_cfg)
-  frozen_keys = getattr(algo, "FROZEN", ())
-  trainable_keys = [k for k in lora.trainable_keys(shapes) if k not in frozen_keys]
-  base_keys = [k for k in shapes if k != "lora"]
-  if ref_mode == "copy":
-    axes = {**axes, "reference": {k: axes[k] for k in base_keys}}
-  optimizer, schedule = trainer.make_optimizer(cfg.optim, cfg.train.max_steps, cfg.train.grad_clip)
 
-  def init_state(rng, base=None, ref_base=None):
-    p_rng, s_rng = jax.random.split(rng)
+def load_data(r: Run):
+  """Training rows (offline algorithms) or prompts (RL), and the eval split."""
+  cfg = r.cfg
+  if not cfg.data.train_path:
+    raise config_lib.ConfigError("data.train_path is empty")
+  if r.rl:
+    from jalign import generate
+    prompts = generate.Prompts(r.tok, cfg.data, cfg.tokenizer.chat_template)
+    r.prompts = generate.read_rows(cfg.data.train_path, prompts, cfg.rollout.max_prompt_len)
+    r.eval_prompts = (generate.read_rows(cfg.data.eval_path, prompts, cfg.rollout.max_prompt_len)
+                      [:cfg.rollout.eval_prompts] if cfg.data.eval_path else [])
+    r.seq_len = cfg.rollout.max_prompt_len + cfg.rollout.max_new_tokens
+    from jalign.rl import build
+    r.row_shapes = build.row_shapes(r.algo.batch_axes(cfg), r.seq_len)
+    r.describe = f"{len(r.prompts)} prompts | {len(r.eval_prompts)} eval prompts"
+    return
+  r.rows, n_train, r.skipped, _ = r.algo.load_data(cfg.data.train_path, r.tok, cfg)
+  r.eval_rows, r.eval_ex, n_eval = None, [], 0
+  if cfg.data.eval_path:
+    r.eval_rows, n_eval, eval_skipped, r.eval_ex = r.algo.load_data(cfg.data.eval_path, r.tok, cfg)
+    r.skipped += eval_skipped
+  r.row_shapes = {k: r.rows[k].shape[1:] for k in r.algo.batch_axes(cfg) if k != "ref_logps"}
+  r.row_shapes.setdefault("ref_logps", (2,))
+  r.seq_len = int(np.prod(r.rows["tokens"].shape[1:]))
+  r.describe = (f"{n_train} train rows -> {len(r.rows['tokens'])} rows of {r.rows['tokens'].shape[1:]} | "
+                f"{n_eval} eval rows | skipped {r.skipped} invalid")
+
+
+def build_state(r: Run):
+  """Roles, optimizer, state shardings and the functions that build the starting state (``r.initial_state``)."""
+  import jax
+  import jax.numpy as jnp
+
+  from jalign import checkpoint, sharding, trainer
+  from jalign.models import init_params, lora, param_axes, param_shapes
+  cfg, model_cfg = r.cfg, r.model_cfg
+  r.batch_sh = {k: sharding.named_sharding(ax, r.rules, r.mesh, (r.gb,) + tuple(r.row_shapes[k]))
+                for k, ax in r.algo.batch_axes(cfg).items()}
+  axes, shapes = param_axes(model_cfg), param_shapes(model_cfg)
+  r.shapes = shapes
+  trainable_keys = [k for k in lora.trainable_keys(shapes) if k not in getattr(r.algo, "FROZEN", ())]
+  r.base_keys = [k for k in shapes if k != "lora"]
+  if r.ref_mode == "copy":
+    axes = {**axes, "reference": {k: axes[k] for k in r.base_keys}}
+  r.critic_cfg = None
+  if cfg.algorithm == "ppo":
+    from jalign.rl import build
+    r.critic_cfg = build.critic_config(cfg)
+  if r.critic_cfg is not None:
+    axes = {**axes, "critic": param_axes(r.critic_cfg)}
+  r.optimizer, r.schedule = trainer.make_optimizer(cfg.optim, cfg.train.max_steps, cfg.train.grad_clip,
+                                                   critic_lr=cfg.ppo.critic_lr if r.critic_cfg else None,
+                                                   keys=trainable_keys + ["critic"])
+
+  def init_state(rng, base=None, ref_base=None, critic=None):
+    p_rng, s_rng, c_rng = jax.random.split(rng, 3)
     params = init_params(model_cfg, p_rng)
     if base is not None:
       params.update(base)
     tr = {k: v for k, v in params.items() if k in trainable_keys}
     fr = {k: v for k, v in params.items() if k not in trainable_keys}
-    if ref_mode == "copy":  # a frozen copy of the starting (or given) weights, never updated
-      fr["reference"] = jax.tree.map(jnp.copy, {k: params[k] for k in base_keys} if ref_base is None else ref_base)
-    return {"step": jnp.zeros((), jnp.int32), "params": tr, "frozen": fr, "opt_state": optimizer.init(tr),
+    if r.ref_mode == "copy":  # a frozen copy of the starting (or given) weights, never updated
+      fr["reference"] = jax.tree.map(jnp.copy, {k: params[k] for k in r.base_keys} if ref_base is None else ref_base)
+    if r.critic_cfg is not None:
+      tr["critic"] = init_params(r.critic_cfg, c_rng) if critic is None else critic
+    return {"step": jnp.zeros((), jnp.int32), "params": tr, "frozen": fr, "opt_state": r.optimizer.init(tr),
             "rng": s_rng}
 
-  abstract = jax.eval_shape(init_state, jax.random.PRNGKey(0))
-  state_sh = trainer.state_shardings(abstract, axes, mesh, rules, optimizer)
-  param_sh = {**state_sh["frozen"], **state_sh["params"]}
-
+  r.abstract = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+  r.state_sh = trainer.state_shardings(r.abstract, axes, r.mesh, r.rules, r.optimizer)
+  r.param_sh = {**r.state_sh["frozen"], **r.state_sh["params"]}
   rng = jax.random.PRNGKey(cfg.seed)
-  traced = functools.partial(sharding.bind, mesh=mesh, rules=rules)
-
-  base_abs = {k: jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                              shapes[k], param_sh[k]) for k in base_keys}
+  r.base_abs = {k: jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                shapes[k], r.param_sh[k]) for k in r.base_keys}
 
   def initial_state(frozen_only=False):
-    """The starting state; ``frozen_only``: just the frozen weights (what a checkpoint does not store)."""
-    copies_start = ref_mode == "copy" and not cfg.model.reference_checkpoint  # the reference is the start
-    keys = [k for k in base_keys if k in abstract["frozen"] or copies_start] if frozen_only else base_keys
-    base = (checkpoint.load_params(cfg.model.checkpoint, {k: base_abs[k] for k in keys})
+    """The starting state (built once); ``frozen_only``: just the frozen weights (what a checkpoint does not
+    store)."""
+    if not frozen_only and getattr(r, "_initial", None) is not None:
+      return r._initial
+    copies_start = r.ref_mode == "copy" and not cfg.model.reference_checkpoint  # the reference is the start
+    keys = [k for k in r.base_keys if k in r.abstract["frozen"] or copies_start] if frozen_only else r.base_keys
+    base = (checkpoint.load_params(cfg.model.checkpoint, {k: r.base_abs[k] for k in keys})
             if cfg.model.checkpoint and keys else None)
     ref = None
-    if cfg.model.reference_checkpoint and ref_mode == "copy":
-      ref = checkpoint.load_params(cfg.model.reference_checkpoint, base_abs, optional=("value_head", "lm_head"))
+    if cfg.model.reference_checkpoint and r.ref_mode == "copy":
+      ref = checkpoint.load_params(cfg.model.reference_checkpoint, r.base_abs, optional=("value_head", "lm_head"))
     if frozen_only:
-      return jax.jit(lambda *a: init_state(*a)["frozen"], out_shardings=state_sh["frozen"])(rng, base, ref)
-    return jax.jit(init_state, out_shardings=state_sh)(rng, base, ref)
+      return jax.jit(lambda *a: init_state(*a)["frozen"], out_shardings=r.state_sh["frozen"])(rng, base, ref)
+    critic = None
+    if r.critic_cfg is not None:
+      from jalign.rl import build
+      critic = build.load_critic(cfg, r.critic_cfg, r.state_sh["params"]["critic"])
+    r._initial = jax.jit(init_state, out_shardings=r.state_sh)(rng, base, ref, critic)
+    return r._initial
 
-  state = None
-  if ref_mode == "precomputed":
-    ref_fn = jax.jit(traced(lambda p, b: common.pair_logps(p, b, model_cfg)[0]),
-                     in_shardings=({k: param_sh[k] for k in base_keys}, {k: batch_sh[k] for k in PAIR_KEYS}),
-                     out_shardings=sharding.replicated(mesh))
-    ref_params = {}
+  r.initial_state = initial_state
+  if r.ref_mode == "precomputed":
+    from jalign.algorithms import reference
+    reference.attach(r, r.rows, r.eval_rows)
 
-    def compute(r):  # the starting weights are built (or loaded) only when the cache misses
-      nonlocal state
-      if not ref_params:
-        if state is None:
-          state = initial_state()
-        ref_params.update(lora.disabled(policy_params(state)))
-        if cfg.model.reference_checkpoint:
-          ref_params.update(checkpoint.load_params(cfg.model.reference_checkpoint, base_abs))
-      return precompute_logps(ref_fn, ref_params, r, gb, batch_sh, tok.pad_id, pid, nproc)
 
-    cache = os.path.join(workdir, "reference_logps.npz")
-    named = {"train": rows, **({"eval": eval_rows} if eval_rows is not None else {})}
-    source = weights_source(cfg, model_cfg)
-    for name, r in reference_cache(cache, named, source, main_proc, compute).items():
-      named[name]["ref_logps"] = r
+def build_steps(r: Run):
+  """The jitted train step (state donated) and, for offline algorithms, the eval step."""
+  import jax
 
-  train_ds = data.train_dataset(rows, global_batch=gb, seed=cfg.seed, shuffle=cfg.data.shuffle,
-                                process_index=pid, process_count=nproc)
-  data_iter = iter(train_ds)
-  if start_step:  # checkpoints hold what training changes; the frozen weights are rebuilt from their source
-    saved_abs = trainer.abstract_with_shardings({k: v for k, v in abstract.items() if k != "frozen"},
-                                                {k: v for k, v in state_sh.items() if k != "frozen"})
-    state, data_state = ckpt.restore(start_step, saved_abs)
-    state["frozen"] = initial_state(frozen_only=True)
-    data_iter.set_state(data_state)
-  elif state is None:
-    state = initial_state()
+  from jalign import sharding, trainer
+  traced = functools.partial(sharding.bind, mesh=r.mesh, rules=r.rules)
+  args = (r.cfg, r.model_cfg) + ((r.critic_cfg,) if r.critic_cfg else ())
+  loss_fn = r.algo.make_loss(*args)
+  r.finalize = getattr(r.algo, "finalize", None)
+  r.train_step = jax.jit(traced(trainer.make_train_step(loss_fn, r.optimizer, r.schedule, r.n_micro, r.finalize)),
+                         in_shardings=(r.state_sh, r.batch_sh),
+                         out_shardings=(r.state_sh, sharding.replicated(r.mesh)), donate_argnums=(0,))
+  r.eval_step = jax.jit(traced(trainer.make_eval_step(loss_fn)),
+                        in_shardings=(r.state_sh["params"], r.state_sh["frozen"], r.batch_sh),
+                        out_shardings=sharding.replicated(r.mesh))
+
+
+def build_source(r: Run):
+  """(source, eval_fn): the shuffled data iterator and the eval loss, or the RL experience source and the
+  rollout eval."""
+  from jalign import data, trainer
+  if r.rl:
+    from jalign.rl import build
+    return build.source_and_eval(r)
+  it = data.train_dataset(r.rows, global_batch=r.gb, seed=r.cfg.seed, shuffle=r.cfg.data.shuffle,
+                          process_index=r.pid, process_count=r.nproc)
+  eval_fn = functools.partial(offline_eval, r) if r.eval_rows is not None else None
+  return trainer.StaticSource(iter(it)), eval_fn
+
+
+def offline_eval(r: Run, st) -> dict:
+  import jax
+
+  from jalign import data, trainer
+  tot_w, tot = 0.0, {}
+  for b in data.eval_batches(r.eval_rows, global_batch=r.gb, pad_id=r.tok.pad_id, process_index=r.pid,
+                             process_count=r.nproc, max_batches=r.cfg.eval.max_batches):
+    w, m = jax.device_get(r.eval_step(st["params"], st["frozen"], trainer.to_global(b, r.batch_sh)))
+    tot_w += float(w)
+    for k, v in m.items():
+      tot[k] = tot.get(k, 0.0) + float(v)
+  avg = {k: v / max(tot_w, 1.0) for k, v in tot.items()}
+  if r.finalize is not None:
+    avg = {k: float(v) for k, v in r.finalize(avg).items()}
+  return {f"val_{k}": v for k, v in avg.items()}
+
+
+def start_state(r: Run, source):
+  """The starting state, or the newest checkpoint's (with the frozen weights rebuilt from their source and
+  checked against the digest the checkpoint recorded)."""
+  from jalign import checkpoint, trainer
+  if r.start_step:
+    saved_abs = trainer.abstract_with_shardings({k: v for k, v in r.abstract.items() if k != "frozen"},
+                                                {k: v for k, v in r.state_sh.items() if k != "frozen"})
+    state, data_state = r.ckpt.restore(r.start_step, saved_abs)
+    state["frozen"] = r.initial_state(frozen_only=True)
+    source.set_state(data_state)
+  else:
+    state = r.initial_state()
   frozen_digest = checkpoint.tree_digest(state["frozen"])
-  if start_step and frozen_digest != resume_meta["frozen_digest"]:
+  if r.start_step and frozen_digest != r.resume_meta["frozen_digest"]:
     raise checkpoint.CheckpointError(
-        f"the frozen weights rebuilt from model.checkpoint={cfg.model.checkpoint!r} / model.reference_checkpoint="
-        f"{cfg.model.reference_checkpoint!r} are not those checkpoint {start_step} was trained with (they changed "
-        "since); restore them or start a new --workdir")
-  if start_step:
-    log.info("resumed from %s/checkpoints/%d", workdir, start_step)
-  ckpt_meta = {"config": json.loads(config_lib.to_json(cfg)), "data_digest": data_digest,
-               "frozen_digest": frozen_digest}
+        f"the frozen weights rebuilt from model.checkpoint={r.cfg.model.checkpoint!r} / model.reference_checkpoint="
+        f"{r.cfg.model.reference_checkpoint!r} are not those checkpoint {r.start_step} was trained with (they "
+        "changed since); restore them or start a new --workdir")
+  if r.start_step:
+    log.info("resumed from %s/checkpoints/%d", r.workdir, r.start_step)
+  r.ckpt_meta = {"config": json.loads(config_lib.to_json(r.cfg)), "data_digest": r.data_digest,
+                 "frozen_digest": frozen_digest}
+  return state
 
-  # ---- steps
-  loss_fn = algo.make_loss(cfg, model_cfg)
-  finalize = getattr(algo, "finalize", None)
-  train_step = jax.jit(traced(trainer.make_train_step(loss_fn, optimizer, schedule, n_micro, finalize)),
-                       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
-                       donate_argnums=(0,))
-  eval_step = jax.jit(traced(trainer.make_eval_step(loss_fn)),
-                      in_shardings=(state_sh["params"], state_sh["frozen"], batch_sh),
-                      out_shardings=sharding.replicated(mesh))
 
-  def eval_fn(st):
-    tot_w, tot = 0.0, {}
-    for b in data.eval_batches(eval_rows, global_batch=gb, pad_id=tok.pad_id, process_index=pid,
-                               process_count=nproc, max_batches=cfg.eval.max_batches):
-      w, m = jax.device_get(eval_step(st["params"], st["frozen"], trainer.to_global(b, batch_sh)))
-      tot_w += float(w)
-      for k, v in m.items():
-        tot[k] = tot.get(k, 0.0) + float(v)
-    avg = {k: v / max(tot_w, 1.0) for k, v in tot.items()}
-    if finalize is not None:
-      avg = {k: float(v) for k, v in finalize(avg).items()}
-    return {f"val_{k}": v for k, v in avg.items()}
+def loop_and_finish(r: Run, state, source, eval_fn, on_step) -> dict:
+  """The shared loop, then the exported model and summary."""
+  import jax
 
-  writer = MetricWriter(workdir, enabled=main_proc, resume_step=start_step)
-  progress = Progress(cfg.train.max_steps, start_step, enabled=main_proc, every=cfg.train.log_every)
-  n_params = transformer.count_params(shapes)
-  progress.message(f"jalign: {cfg.algorithm} | model {n_params / 1e6:.2f}M params | mesh "
-                   f"{dict(mesh.shape)} | {jax.process_count()} process(es) | {n_train} train rows "
-                   f"-> {len(rows['tokens'])} rows of {rows['tokens'].shape[1:]} | {n_eval} eval rows | "
-                   f"skipped {skipped} invalid | steps {start_step}->{cfg.train.max_steps}")
-
-  summary = {"workdir": workdir, "skipped_rows": skipped, "start_step": start_step}
-  if eval_rows is not None and start_step == 0 and cfg.eval.every_steps:
+  from jalign import checkpoint, trainer
+  from jalign.metrics import MetricWriter, Progress
+  from jalign.models import lora, transformer
+  cfg = r.cfg
+  writer = MetricWriter(r.workdir, enabled=r.main_proc, resume_step=r.start_step)
+  progress = Progress(cfg.train.max_steps, r.start_step, enabled=r.main_proc, every=cfg.train.log_every)
+  progress.message(f"jalign: {cfg.algorithm} | model {transformer.count_params(r.shapes) / 1e6:.2f}M params | "
+                   f"mesh {dict(r.mesh.shape)} | {r.nproc} process(es) | {r.describe} | "
+                   f"steps {r.start_step}->{cfg.train.max_steps}")
+  summary = {"workdir": r.workdir, "skipped_rows": getattr(r, "skipped", 0), "start_step": r.start_step}
+  if eval_fn is not None and r.start_step == 0 and cfg.eval.every_steps:
     ev = eval_fn(state)
     writer.write(0, ev)
     progress.message("step 0: " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
     summary["initial_eval"] = ev
-  if start_step == 0:
-    summary["samples_before"] = show_samples("before training", policy_params(state), model_cfg, tok,
-                                             eval_ex, cfg, progress)
+  if r.start_step == 0 and not r.rl:
+    summary["samples_before"] = show_samples("before training", r.policy(state), r.model_cfg, r.tok, r.eval_ex,
+                                             cfg, progress)
   peak = peak_flops_per_device(cfg, jax.devices()[0]) * jax.device_count()
   t_start = time.time()
-  reason, step = "done", start_step
-  if start_step < cfg.train.max_steps:
+  reason, step = "done", r.start_step
+  if r.start_step < cfg.train.max_steps:
     state, step, reason = trainer.run(
-        state=state, train_step=train_step, eval_fn=eval_fn if eval_rows is not None else None,
-        data_iter=data_iter, batch_shardings=batch_sh, max_steps=cfg.train.max_steps, start_step=start_step,
-        checkpointer=ckpt, ckpt_meta=ckpt_meta, ckpt_every=cfg.checkpoint.every_steps, eval_every=cfg.eval.every_steps,
-        writer=writer, progress=progress, global_batch=gb, seq_len=int(np.prod(rows["tokens"].shape[1:])),
-        flops_per_token=transformer.flops_per_token(model_cfg, T), peak_flops=peak,
-        on_step=on_step)
+        state=state, train_step=r.train_step, eval_fn=eval_fn, source=source, batch_shardings=r.batch_sh,
+        max_steps=cfg.train.max_steps, start_step=r.start_step, checkpointer=r.ckpt, ckpt_meta=r.ckpt_meta,
+        ckpt_every=cfg.checkpoint.every_steps, eval_every=cfg.eval.every_steps, writer=writer, progress=progress,
+        global_batch=r.gb, seq_len=r.seq_len, flops_per_token=transformer.flops_per_token(r.model_cfg, r.seq_len),
+        peak_flops=peak, on_step=on_step, prefix="train_optim/" if r.rl else "")
   progress.close()
-  ckpt.close()
+  r.ckpt.close()
   summary.update(final_step=step, reason=reason, train_seconds=time.time() - t_start)
   if reason == "done":
-    summary["samples_after"] = show_samples("after training", policy_params(state), model_cfg, tok,
-                                            eval_ex, cfg, progress)
-    export = lora.merge(policy_params(state), model_cfg)
-    export_cfg = model_cfg.to_dict()
+    if not r.rl:
+      summary["samples_after"] = show_samples("after training", r.policy(state), r.model_cfg, r.tok, r.eval_ex,
+                                              cfg, progress)
+    export_cfg = r.model_cfg.to_dict()
     export_cfg.update(lora_rank=0)
-    checkpoint.save_model(os.path.join(workdir, "model"), export, export_cfg, tok.files())
+    checkpoint.save_model(os.path.join(r.workdir, "model"), lora.merge(r.policy(state), r.model_cfg), export_cfg,
+                          r.tok.files())
   writer.close()
-  if main_proc:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
+  if r.main_proc:
+    with open(os.path.join(r.workdir, "summary.json"), "w") as f:
       json.dump({k: v for k, v in summary.items() if not k.startswith("samples")}, f, indent=2)
     progress.message(f"{'finished' if reason == 'done' else 'stopped (' + reason + ')'} at step {step}.\n"
-                     f"  checkpoints: {ckpt.directory}\n"
+                     f"  checkpoints: {r.ckpt.directory}\n"
                      f"  metrics:     {writer.path}\n"
-                     f"  tensorboard: {os.path.join(workdir, 'tensorboard')}"
-                     + (f"\n  model:       {os.path.join(workdir, 'model')}" if reason == "done" else ""))
+                     f"  tensorboard: {os.path.join(r.workdir, 'tensorboard')}"
+                     + (f"\n  model:       {os.path.join(r.workdir, 'model')}" if reason == "done" else ""))
   summary["state"] = state
   return summary
 
 
 def policy_params(st):
-  """The model's params (trainable and frozen) from a train state, without a reference copy."""
+  """The model's params (trainable and frozen) from a train state, without a reference copy or critic."""
   from jalign.algorithms import common
   return common.policy_params({**st["frozen"], **st["params"]})
 
 
 def reference_mode(cfg) -> str:
-  """Where the reference log-probs come from, or "none" (SFT, RM, reference-free DPO losses)."""
+  """Where the reference log-probs come from, or "none" (SFT, RM, reference-free DPO losses, RL without KL)."""
+  from jalign import algorithms
   from jalign.algorithms import common, dpo
   if cfg.algorithm == "kto" or (cfg.algorithm == "dpo" and cfg.dpo.loss not in dpo.REFERENCE_FREE):
     return common.reference_mode(cfg)
+  if cfg.algorithm in algorithms.RL and algorithms.get(cfg.algorithm).needs_reference(cfg):
+    return common.reference_mode(cfg)
   return "none"
-
-
-PAIR_KEYS = ("tokens", "loss_mask", "segment_ids")
-
-
-def precompute_logps(ref_fn, ref_params, rows, gb, batch_sh, pad_id, pid, nproc):
-  """[N, 2] summed reference log-probs of every row, one global batch at a time."""
-  import jax
-  import numpy as np
-  from jalign import data, trainer
-  n = len(rows["tokens"])
-  out = np.zeros((n, 2), np.float32)
-  sub = {k: rows[k] for k in PAIR_KEYS}
-  local = gb // nproc
-  for b, batch in enumerate(data.eval_batches(sub, global_batch=gb, pad_id=pad_id, process_index=pid,
-                                              process_count=nproc)):
-    vals = np.asarray(jax.device_get(ref_fn(ref_params, trainer.to_global(batch, batch_sh))))
-    idx = np.concatenate([b * gb + p + nproc * np.arange(local) for p in range(nproc)])
-    keep = idx < n
-    out[idx[keep]] = vals[keep]
-  return out
-
-
-def reference_cache(path, named_rows, source, write, compute):
-  """Reference log-probs per split, reused from ``path`` when the data and starting weights are unchanged."""
-  import hashlib
-  import numpy as np
-  out, cached = {}, {}
-  if os.path.exists(path):
-    with np.load(path) as f:
-      cached = {k: f[k] for k in f.files}
-  for name, rows in named_rows.items():
-    h = hashlib.sha256(source.encode())
-    for k in PAIR_KEYS:
-      h.update(np.ascontiguousarray(rows[k]).tobytes())
-    digest = np.frombuffer(h.digest(), np.uint8)
-    if name in cached and np.array_equal(cached.get(name + "_hash"), digest):
-      out[name] = cached[name]
-    else:
-      out[name] = compute(rows)
-      cached[name], cached[name + "_hash"] = out[name], digest
-  if write:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **cached)
-    os.replace(tmp, path)
-  return out
 
 
 # Keys that may change between a run and its resume: logging, evaluation, checkpoint cadence, layout and
@@ -410,15 +440,6 @@ def file_digest(path: str) -> str:
     for chunk in iter(lambda: f.read(1 << 22), b""):
       h.update(chunk)
   return h.hexdigest()[:32]
-
-
-def weights_source(cfg, model_cfg) -> str:
-  """What the reference log-probs depend on besides the data: the starting and reference weights' contents
-  (random init: the seed), the architecture and dtypes."""
-  from jalign import checkpoint
-  start = checkpoint.fingerprint(cfg.model.checkpoint) if cfg.model.checkpoint else f"init seed={cfg.seed}"
-  ref = checkpoint.fingerprint(cfg.model.reference_checkpoint) if cfg.model.reference_checkpoint else ""
-  return json.dumps({"start": start, "reference": ref, "model": model_cfg.to_dict()}, sort_keys=True, default=str)
 
 
 def main(argv=None) -> int:

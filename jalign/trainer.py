@@ -49,12 +49,24 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(optim_cfg, max_steps: int, grad_clip: float):
+def make_optimizer(optim_cfg, max_steps: int, grad_clip: float, critic_lr: float | None = None, keys=()):
+  """AdamW after global-norm clipping; with ``critic_lr``, ``params["critic"]`` (PPO) gets its own AdamW and clip
+  (NeMo-Aligner trains actor and critic as separate jobs) on the same schedule shape scaled to ``critic_lr``;
+  ``keys``: the top-level keys of the trainable params."""
   schedule = make_schedule(optim_cfg, max_steps)
-  parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
-  parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                           weight_decay=optim_cfg.weight_decay, mask=_decay_mask))
-  return optax.chain(*parts), schedule
+
+  def adamw(sched):
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
+    parts.append(optax.adamw(sched, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                             weight_decay=optim_cfg.weight_decay, mask=_decay_mask))
+    return optax.chain(*parts)
+
+  if critic_lr is None:
+    return adamw(schedule), schedule
+  scale = critic_lr / optim_cfg.lr if optim_cfg.lr else 0.0
+  labels = {k: "critic" if k == "critic" else "policy" for k in keys}  # a prefix of the params tree
+  return optax.multi_transform({"policy": adamw(schedule), "critic": adamw(lambda s: scale * schedule(s))},
+                               labels), schedule
 
 
 # ---------------------------------------------------------------------------------------------- step
@@ -134,8 +146,9 @@ def state_shardings(abstract_state, param_axes_tree, mesh, rules, optimizer):
   fsh = sharding.tree_shardings({k: param_axes_tree[k] for k in abstract_state["frozen"]},
                                 abstract_state["frozen"], rules, mesh)
   rep = sharding.replicated(mesh)
-  osh = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state["opt_state"], psh,
-                              transform_non_params=lambda _: rep)
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # parts of the params another optimizer (PPO's critic) owns
+  osh = optax.tree_map_params(optimizer, lambda x, s: x if masked(x) else s, abstract_state["opt_state"], psh,
+                              transform_non_params=lambda _: rep, is_leaf=masked)
   return {"step": rep, "params": psh, "frozen": fsh, "opt_state": osh, "rng": rep}
 
 
@@ -180,16 +193,41 @@ def to_global(local_batch: dict, batch_shardings: dict) -> dict:
           for k, v in local_batch.items()}
 
 
-def run(*, state, train_step, eval_fn, data_iter, batch_shardings, max_steps: int, start_step: int,
+class StaticSource:
+  """A data iterator as a source: every step is a boundary, no host metrics."""
+
+  def __init__(self, it):
+    self.it = it
+
+  def next(self, state):
+    return next(self.it), {}
+
+  def at_boundary(self) -> bool:
+    return True
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, s):
+    self.it.set_state(s)
+
+
+def run(*, state, train_step, eval_fn, source, batch_shardings, max_steps: int, start_step: int,
         checkpointer, ckpt_every: int, ckpt_meta: dict | None = None, eval_every: int, writer, progress,
-        global_batch: int, seq_len: int, flops_per_token: float = 0.0, peak_flops: float = 0.0, on_step=None):
-  """Run steps start_step+1 .. max_steps. Returns (state, final step, stop reason)."""
+        global_batch: int, seq_len: int, flops_per_token: float = 0.0, peak_flops: float = 0.0, on_step=None,
+        prefix: str = ""):
+  """Run steps start_step+1 .. max_steps. Returns (state, final step, stop reason).
+
+  ``source``: ``next(state) -> (local batch, host metrics)``, ``at_boundary()``, ``get_state()``. Checkpoints
+  (every ``ckpt_every`` steps, at the end, and on SIGTERM) are written at the first boundary at or after they are
+  due, so an RL run saves between rollouts. ``prefix`` names the step's metrics (``train_optim/`` for RL)."""
   consumed = start_step * global_batch
   reason = "done"
   last_saved = start_step
+  due = False
   with Preemption() as pre:
     for step in range(start_step + 1, max_steps + 1):
-      local = next(data_iter)
+      local, host_metrics = source.next(state)
       batch = to_global(local, batch_shardings)
       t0 = time.perf_counter()
       state, m = train_step(state, batch)
@@ -210,7 +248,7 @@ def run(*, state, train_step, eval_fn, data_iter, batch_shardings, max_steps: in
                  **{k: float(v) for k, v in m.items() if k not in ("loss", "lr", "grad_norm", "weight", "finite")}}
       if flops_per_token and peak_flops:
         metrics["mfu"] = flops_per_token * tokens_per_sec / peak_flops
-      writer.write(step, metrics)
+      writer.write(step, {**{prefix + k: v for k, v in metrics.items()}, **host_metrics})
       progress.update(step, metrics)
       if eval_fn is not None and eval_every and (step % eval_every == 0 or step == max_steps):
         ev = eval_fn(state)
@@ -218,12 +256,14 @@ def run(*, state, train_step, eval_fn, data_iter, batch_shardings, max_steps: in
         progress.message(f"step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
       if on_step is not None:
         on_step(step, metrics)
-      stop = _any_process(pre.requested)
-      if checkpointer is not None and (step % ckpt_every == 0 or step == max_steps or stop):
+      boundary = source.at_boundary()
+      stop = _any_process(pre.requested) and boundary
+      due = due or step % ckpt_every == 0 or step == max_steps
+      if checkpointer is not None and boundary and (due or stop):
         # frozen weights are not saved: resume rebuilds them from their source
         saved = {k: v for k, v in state.items() if k != "frozen"}
-        checkpointer.save(step, saved, data_iter.get_state(), ckpt_meta or {}, force=True)
-        last_saved = step
+        checkpointer.save(step, saved, source.get_state(), ckpt_meta or {}, force=True)
+        last_saved, due = step, False
       if stop:
         reason = "preempted"
         break

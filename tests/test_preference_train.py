@@ -9,6 +9,7 @@ import pytest
 
 from jalign import config as config_lib
 from jalign import score, train
+from jalign.algorithms import reference
 
 SFT_MODEL = "examples/tiny_sft_model"
 
@@ -128,12 +129,12 @@ def test_reference_cache_reused_only_for_same_data(tmp_path):
 
   rows = {k: np.zeros((3, 2, 4), np.int32) for k in ("tokens", "loss_mask", "segment_ids")}
   path = str(tmp_path / "ref.npz")
-  a = train.reference_cache(path, {"train": rows}, "m", True, compute)["train"]
-  b = train.reference_cache(path, {"train": rows}, "m", True, compute)["train"]
+  a = reference.reference_cache(path, {"train": rows}, "m", True, compute)["train"]
+  b = reference.reference_cache(path, {"train": rows}, "m", True, compute)["train"]
   assert len(calls) == 1 and (a == b).all()
-  train.reference_cache(path, {"train": rows}, "other-model", True, compute)
+  reference.reference_cache(path, {"train": rows}, "other-model", True, compute)
   rows2 = dict(rows, tokens=np.ones((3, 2, 4), np.int32))
-  train.reference_cache(path, {"train": rows2}, "other-model", True, compute)
+  reference.reference_cache(path, {"train": rows2}, "other-model", True, compute)
   assert len(calls) == 3
 
 

@@ -17,6 +17,7 @@ import pytest
 from jalign import checkpoint
 from jalign import config as config_lib
 from jalign import train
+from jalign.algorithms import reference
 
 SFT_ROWS = 48
 
@@ -203,7 +204,7 @@ def test_reference_cache_is_keyed_by_weight_contents(tmp_path):
   model = str(tmp_path / "model")
   shutil.copytree("examples/tiny_sft_model", model)
   cfg = make_cfg("configs/dpo_quickstart.py", **{"model.checkpoint": model, "reference": "precomputed"})
-  rows = {k: np.arange(12, dtype=np.int32).reshape(2, 2, 3) for k in train.PAIR_KEYS}
+  rows = {k: np.arange(12, dtype=np.int32).reshape(2, 2, 3) for k in reference.PAIR_KEYS}
   calls = []
 
   def compute(r):
@@ -213,7 +214,7 @@ def test_reference_cache_is_keyed_by_weight_contents(tmp_path):
   cache = str(tmp_path / "reference_logps.npz")
 
   def cached():
-    return train.reference_cache(cache, {"train": rows}, train.weights_source(cfg, train.model_config_for(cfg)),
+    return reference.reference_cache(cache, {"train": rows}, reference.weights_source(cfg, train.model_config_for(cfg)),
                                  True, compute)["train"][0, 0]
 
   assert cached() == 1 and cached() == 1  # reused

@@ -52,7 +52,8 @@ def reference_mode(cfg) -> str:
 
 
 def policy_params(params):
-  return {k: v for k, v in params.items() if k != "reference"}
+  """The policy's own params: no reference copy, no PPO critic."""
+  return {k: v for k, v in params.items() if k not in ("reference", "critic")}
 
 
 def reference_logps(params, batch, model_cfg, mode):

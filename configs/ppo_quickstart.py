@@ -1,0 +1,26 @@
+"""PPO with NeMo-Aligner's semantics on the toy task: one sample per prompt from the SFT quickstart's model, the
+programmatic grader as reward, per-token KL to the starting model in the reward, GAE, a critic (a second copy of
+the starting model with a value head: ``ppo.critic_checkpoint``, or the first ``rm:`` reward source when there is
+one) trained with its own learning rate.
+
+  python -m jalign.train --config configs/ppo_quickstart.py --workdir runs/ppo_quickstart
+  # rewarded by the RM quickstart's reward model instead:
+  python -m jalign.train --config configs/ppo_quickstart.py --workdir runs/ppo_rm \\
+      --config.reward.sources=rm:runs/rm_quickstart
+"""
+from jalign.config import base_config
+
+
+def get_config():
+  c = base_config()
+  c.algorithm = "ppo"
+  c.model.checkpoint = "examples/tiny_sft_model"
+  c.data.update(train_path="examples/data/sft_train.jsonl", eval_path="examples/data/sft_eval.jsonl", add_bos=True)
+  c.rollout.update(num_prompts=64, num_generations=1, max_new_tokens=8, max_prompt_len=32, temperature=1.0)
+  c.reward.sources = ("fn:jalign.toy:reward",)
+  c.ppo.update(kl_coef=0.01, gamma=1.0, lam=0.95, critic_lr=1e-3)
+  c.train.update(max_steps=100, global_batch_size=64, log_every=5)
+  c.optim.update(lr=1e-4, warmup_steps=10, schedule="constant", weight_decay=0.0)
+  c.checkpoint.update(every_steps=50, keep=2)
+  c.eval.update(every_steps=25)
+  return c
