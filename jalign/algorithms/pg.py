@@ -100,7 +100,7 @@ def rloo_baseline(rewards_N, is_end_N, group: int):
   e = np.asarray(is_end_N, np.float64).reshape(-1, group)
   tot, cnt = (e * r).sum(axis=1, keepdims=True), e.sum(axis=1, keepdims=True)
   others = tot - e * r
-  base = np.where(cnt > 1, others / np.maximum(cnt - e, 1.0), r)
+  base = np.where(cnt > 1, others / np.maximum(cnt - 1, 1.0), r)
   return base.reshape(-1).astype(np.float32)
 
 
