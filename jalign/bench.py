@@ -42,6 +42,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -663,6 +664,125 @@ def print_gen_table(rows, anchor="transformers", second="tunix"):
     print(f"| {r['framework']} | {r['batch']} | {r['mode'].replace('_', '-')} | {r['tokens_per_sec']:.0f} | "
           f"{r['ttft_ms']:.1f} | {r['first_call_s']:.2f} | {r['peak_rss_mb']:.0f} | {ratio(r, find(anchor, r))} |"
           + (f" {ratio(r, find(second, r))} |" if has2 else ""))
+
+
+# ---------------------------------------------------------------------------------------------- rl
+
+RL_SHAPES = {"grpo": dict(prompts=8, samples=4), "ppo": dict(prompts=32, samples=1)}  # prompts per step x samples
+RL_NEW, RL_LR = 32, 1e-6  # new tokens per sample (every sample runs the full length: no stop token), learning rate
+
+
+def even_fraction(text: str) -> float:
+  """The benchmark's reward: the fraction of even token ids in a completion decoded by the word-level tokenizer
+  (``"<17> <4> ..."``); the same function on the same decoded text in every framework."""
+  ids = [int(x) for x in re.findall(r"<(\d+)>", text)]
+  return sum(i % 2 == 0 for i in ids) / max(len(ids), 1)
+
+
+def rl_reward(prompts, responses, rows):
+  """jalign's reward source for the benchmark (``fn:jalign.bench:rl_reward``)."""
+  return [even_fraction(r) for r in responses]
+
+
+def _trl_reward(completions, **kw):
+  return [even_fraction(c) for c in completions]
+
+
+def _rl_tokenizer(directory: str, vocab: int) -> str:
+  """A word-level HF tokenizer over ``"<i>"`` for every id (whitespace split, so "<5> <7>" is [5, 7]), pad
+  ``"<vocab-1>"`` (never in a prompt) and no EOS: jalign gets no stop token, so every sample runs the full length."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  wl = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(vocab)}, unk_token="<0>"))
+  wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  os.makedirs(directory, exist_ok=True)
+  wl.save(os.path.join(directory, "tokenizer.json"))
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump({"pad_token": f"<{vocab - 1}>"}, f)
+  return directory
+
+
+def make_rl_inputs(directory: str, arch=None, n_prompts: int = 64, prompt_len: int = GEN_PROMPT) -> dict:
+  """The model (``make_gen_model``: jalign dir and its HF export), the word-level tokenizer and a JSONL of
+  ``n_prompts`` text prompts (``gen_prompts`` ids written as ``"<id> <id> ..."``) that all frameworks share."""
+  arch = dict(arch or ARCH)
+  jdir, hdir = make_gen_model(directory, arch)
+  tok_dir = _rl_tokenizer(os.path.join(directory, "tokenizer"), arch["vocab_size"])
+  data = os.path.join(directory, "prompts.jsonl")
+  with open(data, "w") as f:
+    for row in gen_prompts(n_prompts, prompt_len):
+      f.write(json.dumps({"prompt": " ".join(f"<{int(i)}>" for i in row)}) + "\n")
+  return {"model_dir": jdir, "hf_dir": hdir, "tok_dir": tok_dir, "data_path": data, "prompt_len": prompt_len}
+
+
+def _rl_result(total, gen, score, update, comp_len, rewards, split) -> dict:
+  """Medians over the timed steps (all but the first) and the first step's total."""
+  med = lambda x: statistics.median(x[1:]) if len(x) > 1 else x[0]
+  return {"step_s": med(total), "gen_s": med(gen), "score_s": med(score), "update_s": med(update),
+          "first_step_s": total[0], "steps": len(total) - 1, "completion_len": float(np.mean(comp_len)),
+          "reward_first": float(rewards[0]), "split": split, "peak_rss_mb": _rss_mb()}
+
+
+def run_jalign_rl(model_dir: str, hf_dir: str, tok_dir: str, data_path: str, prompt_len: int = GEN_PROMPT,
+                  algorithm: str = "grpo", prompts: int = 8, samples: int = 4, new_tokens: int = RL_NEW,
+                  steps: int = 3, workdir: str = "") -> dict:
+  """jalign's own RL path: the phases of ``jalign.train`` (config validated, model and tokenizer loaded, the
+  train step and the experience source built as ``python -m jalign.train`` builds them) and its loop,
+  ``jalign.trainer.run`` (no checkpoints, no eval, metrics kept in memory). One rollout = one train step. The
+  split comes from the source's ``timers/*`` metrics and the loop's ``step_time``: generation = engine sampling;
+  scoring = the jitted log-prob pass (plus reference log-probs and critic values for PPO), decoding, the reward on
+  host, advantages and batching; update = the train step (device_get'ed)."""
+  import jax
+
+  from jalign import checkpoint
+  from jalign import config as config_lib
+  from jalign import train, trainer
+  from jalign.metrics import Progress
+  c = config_lib.base_config()
+  c.algorithm = algorithm
+  c.model.checkpoint = model_dir
+  c.model.scan_unroll = checkpoint.read_model_config(model_dir)["num_layers"]  # as the other benchmarks
+  c.tokenizer.path = tok_dir
+  c.data.update(train_path=data_path, add_bos=False)
+  c.rollout.update(num_prompts=prompts, num_generations=samples, max_new_tokens=new_tokens,
+                   max_prompt_len=prompt_len, temperature=1.0, top_k=0, top_p=1.0, eval_prompts=0)
+  c.reward.sources = ("fn:jalign.bench:rl_reward",)
+  c.grpo.update(beta=0.0, scale_rewards="group", loss_agg="token_mean")
+  c.ppo.update(critic_lr=RL_LR)
+  c.train.update(max_steps=steps + 1, global_batch_size=prompts * samples)
+  c.optim.update(lr=RL_LR, warmup_steps=0, schedule="constant", weight_decay=0.0)
+  c.eval.update(every_steps=0)
+  config_lib.validate(c)
+
+  class Writer:
+    def __init__(self):
+      self.rows = []
+
+    def write(self, step, metrics):
+      self.rows.append(metrics)
+
+  ticks = []
+  with tempfile.TemporaryDirectory(dir=workdir or None) as wd:
+    r = train.setup(c, wd)
+    train.load_data(r)
+    train.build_state(r)
+    train.build_steps(r)
+    source, _ = train.build_source(r)
+    state = train.start_state(r, source)
+    jax.block_until_ready(state)
+    writer = Writer()
+    t0 = time.perf_counter()
+    trainer.run(state=state, train_step=r.train_step, eval_fn=None, source=source, batch_shardings=r.batch_sh,
+                max_steps=c.train.max_steps, start_step=0, checkpointer=None, ckpt_every=c.train.max_steps,
+                eval_every=0, writer=writer, progress=Progress(c.train.max_steps, 0, enabled=False),
+                global_batch=r.gb, seq_len=r.seq_len, on_step=lambda s, m: ticks.append(time.perf_counter()),
+                prefix="train_optim/")
+  total = np.diff([t0] + ticks).tolist()
+  m = writer.rows
+  gen = [x["timers/generate"] for x in m]
+  score = [x["timers/rollout_time"] - x["timers/generate"] for x in m]
+  update = [x["train_optim/step_time"] for x in m]
+  return _rl_result(total, gen, score, update, [x["train_rollouts/response_lengths"] for x in m],
+                    [x["train_rollouts/rewards"] for x in m], "separate")
 
 
 # ---------------------------------------------------------------------------------------------- driver

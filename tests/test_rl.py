@@ -29,6 +29,8 @@ def _metrics(workdir):
 
 @pytest.mark.parametrize("name,extra", [
     ("grpo", ["--config.grpo.beta=0.04", "--config.grpo.kl_estimator=k3", "--config.grpo.loss_agg=dr_grpo"]),
+    ("grpo", ["--config.grpo.dynamic_sampling=True", "--config.grpo.scale_rewards=batch",
+              "--config.grpo.mask_truncated=True", "--config.grpo.overlong_buffer=2"]),
     ("rloo", []),
     ("ppo", ["--config.rollout.num_generations=2", "--config.ppo.entropy_coef=0.01"]),
     ("rs", ["--config.rs.top_n=2"]),
@@ -44,11 +46,13 @@ def test_algorithm_runs_and_logs_nemo_metrics(tmp_path, name, extra):
               "train_rollouts/fraction_of_samples_properly_ended", "timers/generate", "timers/rollout_time",
               "train_optim/loss", "train_optim/grad_norm", "train_optim/lr"):
     assert key in first, (key, sorted(first))
-  if name in ("grpo", "rloo", "ppo", "online_dpo"):
+  if name in ("rloo", "ppo", "online_dpo") or "--config.grpo.beta=0.04" in extra:  # runs with a reference
     assert "train_rollouts/init_policy_kl" in first and "train_rollouts/init_policy_kl_k3" in first
   if name in ("grpo", "rloo", "ppo"):  # the sampler's log-probs are the trainer's (fp32, same temperature)
     assert first["train_rollouts/logprob_diff_max"] < 1e-4
     assert first["train_rollouts/logprob_diff_mean"] < 1e-5
+  if "--config.grpo.dynamic_sampling=True" in extra:
+    assert 1 <= first["train_rollouts/dynamic_sampling_rounds"] <= 4
   if name == "ppo":
     assert {"train_optim/ppo_ratio", "train_optim/critic_loss", "train_rollouts/advantages_std"} <= set(first)
   assert all(np.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
@@ -98,3 +102,19 @@ def test_rl_config_errors_are_one_line():
     _cfg("grpo", "--config.reward.sources=fn:nodots")
   with pytest.raises(config_lib.ConfigError, match="grpo.loss_agg"):
     _cfg("grpo", "--config.grpo.loss_agg=mean")
+
+
+def test_ppo_on_two_meshes_gives_the_same_run(tmp_path):
+  """PPO (policy, critic, frozen reference) data-parallel on 8 devices and on a (data 2, fsdp 2, tensor 2) mesh:
+  the same rollouts, rewards and losses."""
+  over = ["--config.train.max_steps=2", "--config.checkpoint.every_steps=2", "--config.rollout.num_generations=2",
+          "--config.train.global_batch_size=8"]
+  train.run(_cfg("ppo", *over), str(tmp_path / "dp"))
+  train.run(_cfg("ppo", *over, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"),
+            str(tmp_path / "3d"))
+  a, b = _metrics(tmp_path / "dp"), _metrics(tmp_path / "3d")
+  keys = ("train_rollouts/rewards", "train_rollouts/response_lengths", "train_optim/loss", "train_optim/critic_loss")
+  for ra, rb in zip(a, b):
+    for k in keys:
+      if k in ra:
+        assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)

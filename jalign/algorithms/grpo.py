@@ -18,7 +18,7 @@ from jalign.algorithms import pg
 
 AGGREGATIONS = ("token_mean", "sequence_mean", "dr_grpo")
 SCALES = ("group", "batch", "none")
-GROUPED = True
+GROUPED = True  # training rows come in groups of rollout.num_generations (kept whole per micro-batch)
 
 
 def aggregate(x_NT, mask_NT, mode: str, max_new: int):

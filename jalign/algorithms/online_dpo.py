@@ -9,7 +9,6 @@ import numpy as np
 
 from jalign.algorithms import common, dpo, pg
 
-GROUPED = True
 PAIR_KEYS = ("tokens", "loss_mask", "segment_ids")
 
 

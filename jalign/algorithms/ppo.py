@@ -12,8 +12,6 @@ import numpy as np
 
 from jalign.algorithms import pg
 
-GROUPED = False
-
 
 def needs_reference(cfg) -> bool:
   return cfg.ppo.kl_coef > 0 or bool(cfg.ppo.adaptive_kl_target)

@@ -10,7 +10,7 @@ import numpy as np
 
 from jalign.algorithms import pg
 
-GROUPED = True
+GROUPED = True  # training rows come in groups of rollout.num_generations (kept whole per micro-batch)
 
 
 def needs_reference(cfg) -> bool:

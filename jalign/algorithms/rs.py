@@ -7,8 +7,6 @@ import numpy as np
 
 from jalign.algorithms import pg
 
-GROUPED = True
-
 
 def needs_reference(cfg) -> bool:
   return False

@@ -21,7 +21,7 @@ def source_and_eval(r):
   cfg, ro = r.cfg, r.cfg.rollout
   T = r.seq_len
   per_micro = r.gb // r.nproc // r.n_micro
-  if cfg.algorithm in ("grpo", "rloo") and per_micro % ro.num_generations:
+  if getattr(r.algo, "GROUPED", False) and per_micro % ro.num_generations:
     raise config_lib.ConfigError(f"a micro-batch holds {per_micro} rows per process, not whole groups of "
                                  f"rollout.num_generations={ro.num_generations} (train.micro_batch_size)")
   if ro.num_prompts % r.nproc:

@@ -133,42 +133,70 @@ class ExperienceSource:
     self.engine.params = None  # no reference to the state's buffers, which the train step donates
     return ids, out
 
-  def _rollout(self, state):
-    cfg, G = self.cfg, self.cfg.rollout.num_generations
+  def _round(self, state, r: int):
+    """Sample, score and reward this process's next prompts (round r of the rollout): (rollout arrays with
+    ``rewards``, per-source rewards, timings)."""
+    cfg = self.cfg
     t0 = time.perf_counter()
     k_local = cfg.rollout.num_prompts // self.nproc
-    idx_all = self.order.take(cfg.rollout.num_prompts)
-    idx = idx_all[self.pid::self.nproc][:k_local]
-    seeds = [int(np.random.default_rng([cfg.seed, self.rollout, self.pid, j]).integers(2 ** 31))
+    idx = self.order.take(cfg.rollout.num_prompts)[self.pid::self.nproc][:k_local]
+    seeds = [int(np.random.default_rng([cfg.seed, self.rollout, self.pid, j, r]).integers(2 ** 31))
              for j in range(k_local)]
     ids, out = self._sample(state, idx, seeds)
     t_gen = time.perf_counter()
     T = cfg.rollout.max_prompt_len + cfg.rollout.max_new_tokens
     ro = rollout_arrays(ids, out, T, self.tok.pad_id)
-    scored = self.score(state, {k: ro[k] for k in ("tokens", "segment_ids", "positions", "loss_mask")})
-    ro.update(scored)
+    ro.update(self.score(state, {k: ro[k] for k in ("tokens", "segment_ids", "positions", "loss_mask")}))
     t_score = time.perf_counter()
-    samples = self._decode(idx, ids, out)
-    ro["rewards"], per_source = self.rewards(samples)
+    ro["rewards"], per_source = self.rewards(self._decode(idx, ids, out))
     t_reward = time.perf_counter()
+    return ro, per_source, np.array([t_gen - t0, t_score - t_gen, t_reward - t_score])
+
+  def _dynamic(self, state):
+    """GRPO's dynamic sampling: keep groups whose rewards differ, sampling more rounds (at most
+    ``grpo.max_sampling_rounds``) until a rollout's worth of them is found; short of that, the rest are filled
+    with equal-reward groups (their advantages are 0). Shapes stay fixed: one score compile."""
+    G, k = self.cfg.rollout.num_generations, self.cfg.rollout.num_prompts // self.nproc
+    kept, spare, timers, sources, rounds = [], [], np.zeros(3), [], 0
+    while len(kept) < k and rounds < self.cfg.grpo.max_sampling_rounds:
+      ro, per_source, t = self._round(state, rounds)
+      rounds, timers = rounds + 1, timers + t
+      sources.append(per_source)
+      spread = ro["rewards"].reshape(-1, G).std(axis=1) > 0
+      for g in range(k):
+        (kept if spread[g] else spare).append((ro, g, len(sources) - 1))
+    chosen = (kept + spare)[:k]
+    rows = lambda x, g: x[g * G:(g + 1) * G]
+    ro = {key: np.concatenate([rows(r[key], g) for r, g, _ in chosen]) for key in chosen[0][0]}
+    per_source = {n: np.concatenate([rows(sources[s][n], g) for _, g, s in chosen]) for n in sources[0]}
+    return ro, per_source, timers, {"dynamic_sampling_rounds": rounds, "groups_with_signal": len(kept) / k}
+
+  def _rollout(self, state):
+    cfg, G = self.cfg, self.cfg.rollout.num_generations
+    t0 = time.perf_counter()
+    extra = {}
+    if cfg.algorithm == "grpo" and cfg.grpo.dynamic_sampling:
+      ro, per_source, timers, extra = self._dynamic(state)
+    else:
+      ro, per_source, timers = self._round(state, 0)
     ctl = {"kl_coef": self.kl_coef, "moments": self.moments}
     if cfg.algorithm == "grpo" and cfg.grpo.scale_rewards == "batch":
       ctl["batch_std"] = self.moments(ro["rewards"][:, None], np.ones((len(ro["rewards"]), 1), bool), ddof=1)[1]
     rows, algo_m = self.algo.prepare(ro, cfg, ctl)
-    metrics = self._metrics(ro, per_source, algo_m)
+    metrics = self._metrics(ro, per_source, {**algo_m, **extra})
     if cfg.algorithm == "ppo":
       from jalign.algorithms import ppo
-      self.kl_coef = ppo.adapt_kl(self.kl_coef, metrics["train_rollouts/init_policy_kl"], cfg,
+      self.kl_coef = ppo.adapt_kl(self.kl_coef, metrics.get("train_rollouts/init_policy_kl", 0.0), cfg,
                                   len(ro["rewards"]) * self.nproc)
-    unit = G if getattr(self.algo, "GROUPED", False) and cfg.algorithm in ("grpo", "rloo") else 1
+    unit = G if getattr(self.algo, "GROUPED", False) else 1
     n = len(next(iter(rows.values())))
     for e in range(cfg.rollout.epochs):
       rng = np.random.default_rng([cfg.seed, self.rollout, e, 7])
       for order in arrange(n, unit, self.local_batch, self.n_micro, rng):
         self.queue.append({k: v[order] for k, v in rows.items()})
     self.rollout += 1
-    metrics.update({"timers/generate": t_gen - t0, "timers/logprobs": t_score - t_gen,
-                    "timers/reward": t_reward - t_score, "timers/rollout_time": time.perf_counter() - t0})
+    metrics.update({"timers/generate": timers[0], "timers/logprobs": timers[1], "timers/reward": timers[2],
+                    "timers/rollout_time": time.perf_counter() - t0})
     self.metrics = metrics
 
   def _decode(self, idx, ids, out) -> Samples:
