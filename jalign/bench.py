@@ -5,6 +5,8 @@
   python -m jalign.bench generate [--rounds 2] [--batches 1,32] [--new-tokens 128] [--prompt-len 32]
                                   [--frameworks jalign,transformers,tunix] [--threads N] [--tunix-path DIR]
   python -m jalign.bench serve [--requests 64] [--new-tokens 128] [--slots 64]
+  python -m jalign.bench rl [--rounds 2] [--steps 5] [--frameworks jalign,trl,tunix] [--tunix-path DIR] [--threads N]
+  python -m jalign.bench ppo [--rounds 2] [--steps 5] [--threads N]
 
 ``sft`` trains one tiny Llama architecture (vocab 8192, hidden 256, 4 layers, 8 heads / 4 KV heads, ffn 768) on
 the same token batches (B=8, T=256, from the embedded SFT data) with jalign, with a plain PyTorch loop
@@ -31,6 +33,29 @@ warm-up call (the "first call" column, compilation included), the median of ``--
 round per cell, ratios against transformers (and Tunix), and the fraction of greedy rows identical to
 transformers'. ``--tunix-path`` puts a directory holding Tunix (installed aside with ``pip install --target``)
 on the Tunix process's path only; without Tunix its rows are left out.
+
+``rl`` times one GRPO step (one rollout, one optimizer step) on the ``generate`` model (same weights for every
+framework): 8 prompts x 4 samples, the 32-token ``gen_prompts`` written as text for a word-level tokenizer
+(``"<id> <id> ..."``, so every framework sees the same token ids), 32 new tokens per sample with no stop token (every
+sample runs the full length), temperature 1.0 (no top-k/top-p), beta 0 (no KL, no reference), one iteration per
+rollout, token-mean loss, group-scaled advantages, clip 0.2, AdamW lr 1e-6 (b2 0.98, no weight decay, constant) with
+global-norm clipping at 1.0, and the same reward in every framework (``even_fraction``: the fraction of even token
+ids in the decoded completion). jalign runs its own RL loop (``jalign.train``'s phases and ``jalign.trainer.run``:
+engine sampling, the jitted scoring pass, reward, advantages, the train step); TRL runs ``GRPOTrainer`` (transformers
+``generate``, torch CPU); Tunix (with ``--tunix-path``) runs ``GRPOLearner`` on a 1-device CPU mesh. Frameworks
+alternate round by round in fresh subprocesses with the same thread count; each run does one untimed first step
+(compilation) and ``--steps`` timed steps. The table gives per framework the median step time and its split
+(generation / scoring: log-probs where the framework computes them, rewards, advantages / update: loss, backward,
+optimizer), samples/s, the mean completion length, the first step's time, peak RSS and the speed-up over TRL (best
+round); jalign's scoring is split further below it. Not the same work: with one iteration per rollout TRL and
+Tunix skip the old-policy log-prob pass (their loss takes the current log-probs, detached, as the old ones), while
+jalign's experience source always runs it (the surrogate's old log-probs, the sampler-vs-trainer drift metrics); TRL
+generates with the transformers default dynamic KV cache, Tunix repeats each prompt G times (G prefills) where jalign
+prefills it once. Without ``--tunix-path`` Tunix is left out with a note.
+
+``ppo`` times one jalign PPO step at the same sizes with 32 prompts x 1 sample: a critic (a copy of the model with a
+zero value head, lr 1e-6), KL 0.01 to a frozen reference copy in the reward, GAE; scoring includes the reference
+log-probs and the critic's values, the update trains the critic too.
 
 ``serve`` starts ``python -m jalign.serve`` on the shipped SFT model and sends ``--requests`` chat requests of
 exactly ``--new-tokens`` tokens, first one at a time, then all at once from as many threads: aggregate new
@@ -714,12 +739,12 @@ def make_rl_inputs(directory: str, arch=None, n_prompts: int = 64, prompt_len: i
   return {"model_dir": jdir, "hf_dir": hdir, "tok_dir": tok_dir, "data_path": data, "prompt_len": prompt_len}
 
 
-def _rl_result(total, gen, score, update, comp_len, rewards, split) -> dict:
+def _rl_result(total, gen, score, update, comp_len, rewards) -> dict:
   """Medians over the timed steps (all but the first) and the first step's total."""
   med = lambda x: statistics.median(x[1:]) if len(x) > 1 else x[0]
   return {"step_s": med(total), "gen_s": med(gen), "score_s": med(score), "update_s": med(update),
           "first_step_s": total[0], "steps": len(total) - 1, "completion_len": float(np.mean(comp_len)),
-          "reward_first": float(rewards[0]), "split": split, "peak_rss_mb": _rss_mb()}
+          "reward_first": float(rewards[0]), "peak_rss_mb": _rss_mb()}
 
 
 def run_jalign_rl(model_dir: str, hf_dir: str, tok_dir: str, data_path: str, prompt_len: int = GEN_PROMPT,
@@ -781,8 +806,220 @@ def run_jalign_rl(model_dir: str, hf_dir: str, tok_dir: str, data_path: str, pro
   gen = [x["timers/generate"] for x in m]
   score = [x["timers/rollout_time"] - x["timers/generate"] for x in m]
   update = [x["train_optim/step_time"] for x in m]
-  return _rl_result(total, gen, score, update, [x["train_rollouts/response_lengths"] for x in m],
-                    [x["train_rollouts/rewards"] for x in m], "separate")
+  res = _rl_result(total, gen, score, update, [x["train_rollouts/response_lengths"] for x in m],
+                   [x["train_rollouts/rewards"] for x in m])
+  med = lambda x: statistics.median(x[1:]) if len(x) > 1 else x[0]
+  logprobs, reward = [x["timers/logprobs"] for x in m], [x["timers/reward"] for x in m]
+  res["scoring_parts"] = {"log-prob pass": med(logprobs), "decode + reward": med(reward),
+                          "advantages + batching": med([s - a - b for s, a, b in zip(score, logprobs, reward)])}
+  return res
+
+
+def run_trl_rl(model_dir: str, hf_dir: str, tok_dir: str, data_path: str, prompt_len: int = GEN_PROMPT,
+               algorithm: str = "grpo", prompts: int = 8, samples: int = 4, new_tokens: int = RL_NEW, steps: int = 3,
+               workdir: str = "") -> dict:
+  """TRL's GRPOTrainer (transformers ``generate`` sampling, torch CPU, fp32, sdpa) on the exported weights, the
+  same text prompts and tokenizer, the same reward function. Its EOS is the pad id with ``min_new_tokens`` = the
+  cap, so every completion runs the full length as in jalign. Timers wrap ``_generate`` (generation, prompt
+  tokenisation and decoding included) and ``_generate_and_score_completions`` (the rest of it is scoring: rewards,
+  advantages, and log-prob passes when TRL runs them); update = the rest of the optimizer step (loss forward,
+  backward, clipping, AdamW)."""
+  if algorithm != "grpo":
+    raise ValueError("the TRL runner runs GRPO only")
+  import datasets
+  import torch
+  import transformers
+  from trl import GRPOConfig, GRPOTrainer
+  model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="sdpa")
+  pad = f"<{model.config.vocab_size - 1}>"
+  tok = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(tok_dir, "tokenizer.json"), pad_token=pad,
+                                             eos_token=pad)
+  with open(data_path) as f:
+    ds = datasets.Dataset.from_dict({"prompt": [json.loads(line)["prompt"] for line in f]})
+  total, gen, gen_score, comp_len, rewards = [], [], [], [], []
+
+  def reward(completions, **kw):
+    out = _trl_reward(completions, **kw)
+    rewards.append(float(np.mean(out)))
+    return out
+
+  with tempfile.TemporaryDirectory(dir=workdir or None) as out:
+    args = GRPOConfig(output_dir=out, per_device_train_batch_size=prompts * samples, num_generations=samples,
+                      gradient_accumulation_steps=1, max_completion_length=new_tokens, temperature=1.0, top_p=1.0,
+                      top_k=0, generation_kwargs={"min_new_tokens": new_tokens}, beta=0.0, loss_type="dapo",
+                      scale_rewards="group", epsilon=0.2, num_iterations=1, learning_rate=RL_LR,
+                      lr_scheduler_type="constant", weight_decay=0.0, adam_beta2=0.98, max_grad_norm=1.0,
+                      max_steps=steps + 1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                      bf16=False, gradient_checkpointing=False, dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
+                          callbacks=[_step_timer(total)])
+
+    def timed(fn, into, on_out=None):
+      def wrapper(*a, **kw):
+        t0 = time.perf_counter()
+        res = fn(*a, **kw)
+        into.append(time.perf_counter() - t0)
+        if on_out is not None:
+          on_out(res)
+        return res
+      return wrapper
+
+    trainer._generate = timed(trainer._generate, gen,
+                              lambda res: comp_len.append(float(np.mean([len(c) for c in res[1]]))))
+    trainer._generate_and_score_completions = timed(trainer._generate_and_score_completions, gen_score)
+    trainer.train()
+  assert len(total) == len(gen) == len(gen_score) == steps + 1, (len(total), len(gen), len(gen_score))
+  return _rl_result(total, gen, [b - a for a, b in zip(gen, gen_score)],
+                    [t - b for b, t in zip(gen_score, total)], comp_len, rewards)
+
+
+class _WordTokenizer(_IdTokenizer):
+  """The benchmark's word-level tokenizer for Tunix (``"<5> <7>"`` <-> [5, 7]): the same text, so the same reward
+  input, as jalign and TRL; no BOS, and an EOS id that never occurs (every row runs the full length)."""
+
+  def encode(self, text, **kw):
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    return [int(t) for t in re.findall(r"<(\d+)>", text)]
+
+  def decode(self, ids, **kw):
+    return " ".join(f"<{int(i)}>" for i in ids)
+
+
+def run_tunix_rl(model_dir: str, hf_dir: str, tok_dir: str, data_path: str, prompt_len: int = GEN_PROMPT,
+                 algorithm: str = "grpo", prompts: int = 8, samples: int = 4, new_tokens: int = RL_NEW,
+                 steps: int = 3, workdir: str = "") -> dict:
+  """Tunix's GRPOLearner (its RLCluster with the vanilla rollout, its Sampler, on one 1-device mesh shared by the
+  actor and the rollout, so no weight sync) with its Llama 3 model loaded from the exported safetensors (fp32).
+  Timers wrap ``_generate_and_compute_advantage`` and ``RLCluster.generate`` (generation) and the global step
+  (update = the rest: the actor's train step)."""
+  if algorithm != "grpo":
+    raise ValueError("the Tunix runner runs GRPO only")
+  try:
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from tunix.models.llama3 import model as tunix_llama
+    from tunix.models.llama3 import params as tunix_params
+    from tunix.rl import rl_cluster as rl_cluster_lib
+    from tunix.rl.grpo import grpo_learner
+    from tunix.rl.rollout import base_rollout
+  except ImportError as e:
+    return {"not_installed": f"{type(e).__name__}: {e}"}
+  with open(os.path.join(hf_dir, "config.json")) as f:
+    hc = json.load(f)
+  dh = hc.get("head_dim") or hc["hidden_size"] // hc["num_attention_heads"]
+  tcfg = tunix_llama.ModelConfig(num_layers=hc["num_hidden_layers"], vocab_size=hc["vocab_size"],
+                                 embed_dim=hc["hidden_size"], hidden_dim=hc["intermediate_size"],
+                                 num_heads=hc["num_attention_heads"], head_dim=dh,
+                                 num_kv_heads=hc["num_key_value_heads"], rope_theta=hc.get("rope_theta", 10000.0),
+                                 norm_eps=hc["rms_norm_eps"], weight_tying=hc.get("tie_word_embeddings", False))
+  mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  with mesh:
+    model = tunix_params.create_model_from_safe_tensors(hf_dir, tcfg, mesh=mesh, dtype=jnp.float32)
+  with open(data_path) as f:
+    texts = [json.loads(line)["prompt"] for line in f]
+  batches = [{"prompts": np.array([texts[(s * prompts + i) % len(texts)] for i in range(prompts)])}
+             for s in range(steps + 1)]  # arrays, as its Grain pipeline gives (it np.repeat's each leaf)
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0),
+                          optax.adamw(RL_LR, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.0))
+  training = rl_cluster_lib.RLTrainingConfig(actor_optimizer=optimizer, eval_every_n_steps=10 ** 9,
+                                             max_steps=steps + 1, mini_batch_size=None, train_micro_batch_size=None,
+                                             rollout_micro_batch_size=None, compute_logps_micro_batch_size=None)
+  rollout = base_rollout.RolloutConfig(max_tokens_to_generate=new_tokens, max_prompt_length=prompt_len,
+                                       kv_cache_size=prompt_len + new_tokens, temperature=1.0, top_p=1.0, top_k=None,
+                                       eos_tokens=[-1])
+  cluster = rl_cluster_lib.ClusterConfig(
+      role_to_mesh={rl_cluster_lib.Role.ACTOR: mesh, rl_cluster_lib.Role.REFERENCE: mesh,
+                    rl_cluster_lib.Role.ROLLOUT: mesh},
+      rollout_engine="vanilla", offload_to_cpu=False, training_config=training, rollout_config=rollout)
+  rl = rl_cluster_lib.RLCluster(actor=model, reference=None, tokenizer=_WordTokenizer(hc["vocab_size"] - 1),
+                                cluster_config=cluster)
+  comp_len, rewards = [], []
+
+  def reward(prompts, completions, **kw):
+    out = [even_fraction(c) for c in completions]
+    rewards.append(float(np.mean(out)))
+    comp_len.append(float(np.mean([len(re.findall(r"<\d+>", c)) for c in completions])))
+    return out
+
+  learner = grpo_learner.GRPOLearner(
+      rl_cluster=rl, reward_fns=reward,
+      algo_config=grpo_learner.GRPOConfig(num_generations=samples, num_iterations=1, beta=0.0, epsilon=0.2,
+                                          loss_agg_mode="token-mean"))
+  total, gen, gen_score = [], [], []
+
+  def timed(fn, into):
+    def wrapper(*a, **kw):
+      t0 = time.perf_counter()
+      res = fn(*a, **kw)
+      jax.block_until_ready(jax.tree.leaves(res))
+      into.append(time.perf_counter() - t0)
+      return res
+    return wrapper
+
+  rl.generate = timed(rl.generate, gen)
+  learner._generate_and_compute_advantage = timed(learner._generate_and_compute_advantage, gen_score)
+  learner._run_global_step = timed(learner._run_global_step, total)
+  learner.train(batches)
+  assert len(total) == len(gen) == len(gen_score) == steps + 1, (len(total), len(gen), len(gen_score))
+  return _rl_result(total, gen, [b - a for a, b in zip(gen, gen_score)],
+                    [t - b for b, t in zip(gen_score, total)], comp_len, rewards)
+
+
+RL_RUNNERS = {"jalign": run_jalign_rl, "trl": run_trl_rl, "tunix": run_tunix_rl}
+
+
+def _rl_child(framework: str, kwargs: dict, threads: int, tunix_path: str = "") -> dict:
+  return _in_child(f"RL_RUNNERS[{framework!r}](**json.loads({json.dumps(kwargs)!r}))", threads,
+                   framework == "trl", f"{framework} ({kwargs['algorithm']})",
+                   tunix_path if framework == "tunix" else "")
+
+
+def bench_rl(algorithm: str, rounds: int, frameworks, threads: int, steps: int = 3, new_tokens: int = RL_NEW,
+             prompt_len: int = GEN_PROMPT, tunix_path: str = "", arch=None, workdir: str = "", prompts: int = 0,
+             samples: int = 0) -> tuple[list[dict], dict]:
+  """One row per framework: the best round (by median step time) with its split, the smallest first step and the
+  largest peak RSS over rounds; notes name the frameworks that are not installed."""
+  shape = dict(RL_SHAPES[algorithm])
+  shape.update({k: v for k, v in (("prompts", prompts), ("samples", samples)) if v})
+  results, notes = {}, {"not_installed": {}}
+  frameworks = list(frameworks)
+  with tempfile.TemporaryDirectory(dir=workdir or None) as wd:
+    inp = make_rl_inputs(wd, arch, n_prompts=max(64, shape["prompts"] * (steps + 1)), prompt_len=prompt_len)
+    for r in range(rounds):
+      for fw in list(frameworks):
+        res = _rl_child(fw, dict(inp, algorithm=algorithm, new_tokens=new_tokens, steps=steps, **shape), threads,
+                        tunix_path)
+        if "not_installed" in res:
+          notes["not_installed"][fw] = res["not_installed"]
+          frameworks.remove(fw)
+          print(f"  {fw}: not installed ({res['not_installed']})", file=sys.stderr, flush=True)
+          continue
+        results.setdefault(fw, []).append(res)
+        print(f"  round {r + 1}: {fw:7s} step {res['step_s']:.3f} s (generation {res['gen_s']:.3f}, scoring "
+              f"{res['score_s']:.3f}, update {res['update_s']:.3f})  first step {res['first_step_s']:.2f} s",
+              file=sys.stderr, flush=True)
+  rows = []
+  for fw, rs in results.items():
+    best = min(rs, key=lambda x: x["step_s"])  # best round: other load only ever slows a round down
+    rows.append({"framework": fw, "algorithm": algorithm, **shape, "new_tokens": new_tokens,
+                 **{k: best[k] for k in ("step_s", "gen_s", "score_s", "update_s", "completion_len")},
+                 **({"scoring_parts": best["scoring_parts"]} if "scoring_parts" in best else {}),
+                 "samples_per_sec": shape["prompts"] * shape["samples"] / best["step_s"],
+                 "first_step_s": min(x["first_step_s"] for x in rs),
+                 "peak_rss_mb": max(x["peak_rss_mb"] for x in rs)})
+  return rows, notes
+
+
+def print_rl_table(rows, anchor="trl"):
+  ref = next((x for x in rows if x["framework"] == anchor), None)
+  print("| framework | step (s) | generation (s) | scoring (s) | update (s) | samples/s | mean completion tokens "
+        "| first step (s) | peak RSS (MB) |" + (f" vs {anchor} |" if ref else ""))
+  print("|---|---|---|---|---|---|---|---|---|" + ("---|" if ref else ""))
+  for r in rows:
+    print(f"| {r['framework']} | {r['step_s']:.3f} | {r['gen_s']:.3f} | {r['score_s']:.3f} | {r['update_s']:.3f} | "
+          f"{r['samples_per_sec']:.1f} | {r['completion_len']:.1f} | {r['first_step_s']:.2f} | "
+          f"{r['peak_rss_mb']:.0f} |" + (f" {ref['step_s'] / r['step_s']:.2f}x |" if ref else ""))
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -920,29 +1157,64 @@ def bench_serve(requests: int, new_tokens: int, slots: int, checkpoint: str = ""
     proc.wait(timeout=120)
 
 
+def bench_rl_main(a):
+  """``rl`` (GRPO: jalign, TRL, Tunix with --tunix-path) and ``ppo`` (jalign only)."""
+  steps = 5 if a.steps is None else a.steps
+  frameworks = ["jalign"] if a.which == "ppo" else (a.frameworks or "jalign,trl,tunix").split(",")
+  skipped = {}
+  if "tunix" in frameworks and not a.tunix_path:
+    frameworks.remove("tunix")
+    skipped["tunix"] = "not run: no --tunix-path"
+  algorithm = "grpo" if a.which == "rl" else "ppo"
+  shape = RL_SHAPES[algorithm]
+  new_tokens = a.new_tokens or RL_NEW
+  print(f"jalign.bench {a.which}: {algorithm}, {shape['prompts']} prompts x {shape['samples']} samples, "
+        f"{a.prompt_len}-token prompts, {new_tokens} new tokens, arch={ARCH}, fp32, threads={a.threads} "
+        f"steps={steps} rounds={a.rounds}", file=sys.stderr)
+  rows, notes = bench_rl(algorithm, a.rounds, frameworks, a.threads, steps, new_tokens, a.prompt_len, a.tunix_path,
+                         workdir=a.workdir)
+  notes["not_installed"].update(skipped)
+  print_rl_table(rows)
+  for r in rows:
+    if "scoring_parts" in r:
+      print(f"\n{r['framework']} scoring: " + ", ".join(f"{k} {v:.3f} s" for k, v in r["scoring_parts"].items()))
+  for fw, why in notes["not_installed"].items():
+    print(f"\n{fw}: {why}")
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump({"rows": rows, "notes": notes}, f, indent=2)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m jalign.bench", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("which", choices=["sft", "dpo", "generate", "serve", "convert"])
-  p.add_argument("--steps", type=int, default=10, help="timed steps per run (after one compile step)")
+  p.add_argument("which", choices=["sft", "dpo", "generate", "serve", "convert", "rl", "ppo"])
+  p.add_argument("--steps", type=int, default=None, help="timed steps per run (after one compile step; default 10, "
+                 "rl/ppo: 5)")
   p.add_argument("--rounds", type=int, default=3, help="alternating rounds per framework; the best is reported")
   p.add_argument("--dtypes", default="float32,bfloat16")
   p.add_argument("--frameworks", default="", help="sft/dpo: jalign,torch,trl (default); generate: "
-                 "jalign,transformers,tunix (default)")
+                 "jalign,transformers,tunix (default); rl: jalign,trl,tunix (default; tunix only with --tunix-path)")
   p.add_argument("--batches", default="1,32", help="generate: batch sizes")
-  p.add_argument("--new-tokens", type=int, default=GEN_NEW, help="generate: new tokens per row")
-  p.add_argument("--prompt-len", type=int, default=GEN_PROMPT, help="generate: prompt tokens per row")
+  p.add_argument("--new-tokens", type=int, default=None, help=f"generate/serve: new tokens per row (default "
+                 f"{GEN_NEW}); rl/ppo: new tokens per sample (default {RL_NEW})")
+  p.add_argument("--prompt-len", type=int, default=GEN_PROMPT, help="generate, rl/ppo: prompt tokens per row")
   p.add_argument("--reps", type=int, default=3, help="generate: timed calls per cell (median) after a warm-up")
   p.add_argument("--tunix-path", default=os.environ.get("JALIGN_BENCH_TUNIX_PATH", ""),
-                 help="generate: a directory holding Tunix installed aside (pip install --target), put on "
+                 help="generate, rl: a directory holding Tunix installed aside (pip install --target), put on "
                  "PYTHONPATH of the Tunix process only")
   p.add_argument("--requests", type=int, default=64, help="serve: chat requests per mode")
   p.add_argument("--slots", type=int, default=64, help="serve: the server's decode slots")
   p.add_argument("--threads", type=int, default=os.cpu_count())
   p.add_argument("--json", default="", help="also write the rows to this file")
-  p.add_argument("--workdir", default="", help="convert/generate: where to write the synthetic checkpoints "
+  p.add_argument("--workdir", default="", help="convert/generate/rl/ppo: where to write the synthetic checkpoints "
                  "(temp dir)")
   a = p.parse_args(argv)
+  if a.which in ("rl", "ppo"):
+    bench_rl_main(a)
+    return
+  a.steps = 10 if a.steps is None else a.steps
+  a.new_tokens = a.new_tokens or GEN_NEW
   if a.which == "convert":
     with tempfile.TemporaryDirectory(dir=a.workdir or None) as wd:
       rows = bench_convert(wd)

@@ -1,4 +1,4 @@
-"""``python -m jalign.bench generate``: the runners on a tiny model (tiny settings; no timing assertions)."""
+"""``python -m jalign.bench generate`` and ``rl``: the runners on a tiny model (tiny settings; no timing assertions)."""
 import importlib.util
 
 import pytest
@@ -49,3 +49,25 @@ def test_gen_table_prints_ratios(capsys):
   bench.print_gen_table(rows)
   out = capsys.readouterr().out
   assert "| jalign | 1 | greedy | 300 |" in out and "3.00x" in out and "vs tunix" not in out
+
+
+RL_FIELDS = {"step_s", "gen_s", "score_s", "update_s", "first_step_s", "completion_len", "peak_rss_mb"}
+
+
+def test_rl_runners_report_the_step_split(tmp_path, capsys):
+  """``bench rl``: jalign's GRPO step through its own RL loop (and TRL's GRPOTrainer where installed) at a tiny
+  size report the split of a step into generation / scoring / update; every sample runs the full length."""
+  inp = bench.make_rl_inputs(str(tmp_path), TINY, n_prompts=8)
+  kw = dict(inp, algorithm="grpo", prompts=4, samples=2, new_tokens=4, steps=1)  # 8 rows: one per test device
+  results = {"jalign": bench.run_jalign_rl(**kw)}
+  if importlib.util.find_spec("trl") is not None:
+    results["trl"] = bench.run_trl_rl(**kw)
+  for fw, res in results.items():
+    assert RL_FIELDS <= set(res), (fw, res.keys())
+    assert all(res[k] > 0 for k in RL_FIELDS), (fw, res)
+    assert res["completion_len"] == 4.0, (fw, res)
+  assert set(results["jalign"]["scoring_parts"]) == {"log-prob pass", "decode + reward", "advantages + batching"}
+  rows = [{"framework": fw, "samples_per_sec": 8 / r["step_s"], **r} for fw, r in results.items()]
+  bench.print_rl_table(rows)
+  out = capsys.readouterr().out
+  assert "| jalign |" in out and ("vs trl" in out) == ("trl" in results)
