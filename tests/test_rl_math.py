@@ -355,7 +355,7 @@ def test_grpo_step_independent_of_micro_batches(mode):
   cfg = make_cfg("grpo", grpo__loss_agg=mode, grpo__beta=0.04, grpo__kl_estimator="k3", grpo__epsilon_high=0.28,
                  rollout__temperature=0.7, rollout__max_new_tokens=9)
   assert set(grpo.batch_axes(cfg)) == {"tokens", "segment_ids", "positions", "loss_mask", "weight", "old_logps",
-                                       "advantages", "ref_logps"}
+                                       "advantages", "ref_logps", "sampler_logps"}
   params = init_jit(MODEL, jax.random.PRNGKey(1))
   rows, rng = rl_rows(6)
   lp, _ = np_token_logps(params, rows, MODEL, 0.7)
@@ -363,6 +363,7 @@ def test_grpo_step_independent_of_micro_batches(mode):
   shape = lp.shape
   rows["old_logps"] = (lp + rng.normal(0, 0.3, shape)).astype(np.float32)
   rows["ref_logps"] = (lp + rng.normal(0, 0.3, shape)).astype(np.float32)
+  rows["sampler_logps"] = (lp + rng.normal(0, 1e-3, shape)).astype(np.float32)
   adv = np.repeat(rng.normal(size=(8, 1)), shape[1], 1)
   rows["advantages"] = np.where(tmask, adv, 0.0).astype(np.float32)
   # the loss at the starting params, from the spec
@@ -438,7 +439,8 @@ def test_grpo_prepare_end_to_end():
   plens, lengths = np.array([2, 2, 3, 3]), np.array([4, 2, 3, 1])
   ro = rows_layout(plens, plens + lengths, T, rng)
   ro.update(logps=rng.normal(-2, 1, (4, T - 1)).astype(np.float32), rewards=np.array([1.0, 0.5, 0.0, 2.0]),
-            finished=np.array([False, True, True, True]), lengths=lengths)
+            finished=np.array([False, True, True, True]), lengths=lengths,
+            sampler_logps=rng.normal(-2, 1, (4, T - 1)).astype(np.float32))
   cfg = make_cfg("grpo", rollout__num_generations=2, rollout__max_new_tokens=4, grpo__overlong_buffer=2,
                  grpo__overlong_penalty=1.0, grpo__mask_truncated=True)
   rows, metrics = grpo.prepare(ro, cfg, {})
@@ -751,3 +753,25 @@ def test_trl_helpers_as_oracles():
   want = selective_log_softmax(logits, torch.tensor(rows["tokens"][:, 1:]).long(), temperature=0.7)
   np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(ent), entropy_from_logits(logits / 0.7).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_grpo_on_policy_step_needs_no_old_logprob_pass():
+  """With one pass of one step per rollout the old log-probs are the step's own (stop-gradient): same loss and
+  gradient as feeding them from a separate scoring pass; with more steps per rollout they are fed."""
+  on = make_cfg("grpo", rollout__num_prompts=2, rollout__num_generations=4, rollout__max_new_tokens=9,
+                train__global_batch_size=8)
+  assert not grpo.needs_old_logps(on) and "old_logps" not in grpo.batch_axes(on)
+  assert grpo.needs_old_logps(make_cfg("grpo", rollout__num_prompts=2, rollout__num_generations=4,
+                                       train__global_batch_size=4))
+  params = init_jit(MODEL, jax.random.PRNGKey(3))
+  rows, rng = rl_rows(11)
+  lp, _ = np_token_logps(params, rows, MODEL)
+  rows["sampler_logps"] = lp.astype(np.float32)
+  rows["advantages"] = np.where(rows["loss_mask"][:, 1:], rng.normal(size=(8, 1)), 0.0).astype(np.float32)
+  loss_fn = grpo.make_loss(on, MODEL)
+  grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, None)[0]))
+  g_on = grad(params, {k: jnp.asarray(v) for k, v in rows.items()})
+  g_fed = grad(params, {**{k: jnp.asarray(v) for k, v in rows.items()}, "old_logps": jnp.asarray(lp, jnp.float32)})
+  for a, b in zip(jax.tree.leaves(g_on), jax.tree.leaves(g_fed)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_on)) > 0

@@ -11,6 +11,7 @@ log-probs (``tis_cap``); dynamic sampling (dropping groups whose rewards are all
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -49,9 +50,16 @@ def needs_reference(cfg) -> bool:
   return cfg.grpo.beta > 0
 
 
+def needs_old_logps(cfg) -> bool:
+  """One pass of one step over each rollout (TRL's num_iterations=1): the policy that sampled is the one being
+  updated, so its log-probs come from the step's own forward (stop-gradient) and the scoring pass skips them."""
+  rows = cfg.rollout.num_prompts * cfg.rollout.num_generations
+  return not (cfg.rollout.epochs == 1 and rows == cfg.train.global_batch_size)
+
+
 def batch_axes(cfg) -> dict:
-  keys = ["old_logps", "advantages"] + (["ref_logps"] if needs_reference(cfg) else [])
-  keys += ["sampler_logps"] if cfg.grpo.tis_cap else []
+  keys = ["advantages", "sampler_logps"] + (["old_logps"] if needs_old_logps(cfg) else [])
+  keys += ["ref_logps"] if needs_reference(cfg) else []
   return {**pg.ROLLOUT_AXES, **{k: pg.TOKEN_AXES for k in keys}}
 
 
@@ -71,11 +79,12 @@ def prepare(ro: dict, cfg, ctl: dict) -> tuple[dict, dict]:
     weight = ro["finished"].astype(np.float32)
   mask = ro["loss_mask"][:, 1:]
   rows = {k: ro[k] for k in pg.ROLLOUT_AXES if k != "weight"}
-  rows.update(weight=weight, old_logps=ro["logps"], advantages=np.where(mask, adv[:, None], 0.0).astype(np.float32))
+  rows.update(weight=weight, advantages=np.where(mask, adv[:, None], 0.0).astype(np.float32),
+              sampler_logps=ro["sampler_logps"])
+  if needs_old_logps(cfg):
+    rows["old_logps"] = ro["logps"]
   if needs_reference(cfg):
     rows["ref_logps"] = ro["ref_logps"]
-  if g.tis_cap:
-    rows["sampler_logps"] = ro["sampler_logps"]
   metrics.update(advantages_mean=float(adv.mean()), advantages_std=float(adv.std()))
   return rows, metrics
 
@@ -85,16 +94,22 @@ def make_loss(cfg, model_cfg):
 
   def loss_fn(params, batch, rng):
     policy, _ = pg.policy_and_critic(params)
-    logp = pg.token_logps(policy, batch, model_cfg, T, rng=rng)
+    logp = pg.token_logps(policy, batch, model_cfg, T, rng=rng, window=cfg.rollout.max_new_tokens)
     mask = pg.row_mask(batch)
+    old = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logp)
     tis = None
     if g.tis_cap:  # truncated importance sampling: the trainer's old policy over the sampler's, capped
-      tis = jnp.minimum(jnp.exp(batch["old_logps"] - batch["sampler_logps"]), g.tis_cap)
+      tis = jnp.minimum(jnp.exp(old - batch["sampler_logps"]), g.tis_cap)
     per_tok, ratio, clipped, kl = token_loss(
-        logp, batch["old_logps"], batch["advantages"], batch.get("ref_logps"), eps_low=g.epsilon_low,
+        logp, old, batch["advantages"], batch.get("ref_logps"), eps_low=g.epsilon_low,
         eps_high=g.epsilon_high, beta=g.beta, kl_estimator=g.kl_estimator, tis_weight=tis)
     loss, weight = aggregate(per_tok, mask, g.loss_agg, cfg.rollout.max_new_tokens)
-    return loss, weight, {"loss": loss, **pg.token_sums(mask, ppo_ratio=ratio, ppo_ratio_clamped=clipped, kl=kl)}
+    parts = {"ppo_ratio": ratio, "ppo_ratio_clamped": clipped, "kl": kl,
+             "logprob_diff": jnp.abs(jax.lax.stop_gradient(old) - batch["sampler_logps"])}  # trainer vs sampler
+    if "ref_logps" in batch:  # k1 and k3 always, whichever estimator the loss uses
+      parts.update(init_policy_kl=pg.kl_penalty(logp, batch["ref_logps"], "k1"),
+                   init_policy_kl_k3=pg.kl_penalty(logp, batch["ref_logps"], "k3"))
+    return loss, weight, {"loss": loss, **pg.token_sums(mask, **jax.lax.stop_gradient(parts))}
 
   return loss_fn
 

@@ -111,19 +111,39 @@ def target_mask(batch):
   return batch["loss_mask"][:, 1:] & (batch["segment_ids"][:, 1:] > 0)
 
 
-def token_logps(params, batch, model_cfg, temperature: float = 1.0, with_entropy: bool = False, rng=None):
+def token_logps(params, batch, model_cfg, temperature: float = 1.0, with_entropy: bool = False, rng=None,
+                window: int = 0):
   """log pi(token t+1 | prefix) of the temperature-scaled distribution, [N, T-1] fp32 (the sampler returns the
-  same values); with ``with_entropy`` also the per-token entropy of that distribution."""
+  same values); with ``with_entropy`` also the per-token entropy of that distribution. ``window`` = W > 0: the LM
+  head runs only on the W positions from the one before each row's first response token (a rollout's responses
+  are at most W tokens), and positions outside are 0, which saves the head on the prompt."""
   h = transformer.hidden_states(params, batch["tokens"], model_cfg, positions_BT=batch["positions"],
                                 segment_ids_BT=batch["segment_ids"], dropout_rng=rng)
-  logits = transformer.logits_from_hidden(params, h, model_cfg)
+  N, T, _ = h.shape
+  if not window or window >= T - 1:
+    logits = transformer.logits_from_hidden(params, h, model_cfg)
+    if temperature != 1.0:
+      logits = logits / temperature
+    logp = transformer.token_logprobs(logits, batch["tokens"])
+    if not with_entropy:
+      return logp
+    logq = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    return logp, -jnp.sum(jnp.exp(logq) * logq, axis=-1)
+  start_N = jnp.maximum(jnp.argmax(batch["loss_mask"], axis=1) - 1, 0)
+  pos_NW = start_N[:, None] + jnp.arange(window)  # may run past T - 2: gathered clipped, scattered dropped
+  safe_NW = jnp.minimum(pos_NW, T - 2)
+  h_NWD = jnp.take_along_axis(h, safe_NW[..., None], axis=1)
+  logits = transformer.logits_from_hidden(params, h_NWD, model_cfg)
   if temperature != 1.0:
     logits = logits / temperature
-  logp = transformer.token_logprobs(logits, batch["tokens"])
+  targets_NW = jnp.take_along_axis(batch["tokens"], safe_NW + 1, axis=1)
+  logq = jax.nn.log_softmax(logits, axis=-1)
+  rows = jnp.arange(N)[:, None]
+  place = lambda x_NW: jnp.zeros((N, T - 1), jnp.float32).at[rows, pos_NW].set(x_NW, mode="drop")
+  logp = place(jnp.take_along_axis(logq, targets_NW[..., None], axis=-1)[..., 0])
   if not with_entropy:
     return logp
-  logq = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-  return logp, -jnp.sum(jnp.exp(logq) * logq, axis=-1)
+  return logp, place(-jnp.sum(jnp.exp(logq) * logq, axis=-1))
 
 
 def token_values(params, batch, model_cfg):

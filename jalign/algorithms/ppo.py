@@ -7,6 +7,7 @@ coefficient can follow the adaptive controller of Ziegler et al.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -31,8 +32,10 @@ def token_rewards(rewards_N, kl_NT, mask_NT, kl_coef: float):
   return out
 
 
+_gae = jax.jit(pg.gae, static_argnums=(3, 4))  # one compile per rollout shape, not a trace per rollout
+
+
 def prepare(ro: dict, cfg, ctl: dict) -> tuple[dict, dict]:
-  import jax
   p = cfg.ppo
   mask = np.asarray(ro["loss_mask"][:, 1:], bool)
   rewards = ro["rewards"].astype(np.float64)
@@ -43,8 +46,8 @@ def prepare(ro: dict, cfg, ctl: dict) -> tuple[dict, dict]:
     d = ro["logps"] - ro["ref_logps"]
     kl = np.abs(d) if p.use_absolute_kl else d
   per_tok = token_rewards(rewards, kl, mask, ctl["kl_coef"])
-  adv, ret = jax.device_get(pg.gae(jnp.asarray(per_tok, jnp.float32), jnp.asarray(ro["values"]), jnp.asarray(mask),
-                                   p.gamma, p.lam))
+  adv, ret = jax.device_get(_gae(jnp.asarray(per_tok, jnp.float32), jnp.asarray(ro["values"]), jnp.asarray(mask),
+                                p.gamma, p.lam))
   adv, ret = np.asarray(adv), np.asarray(ret)
   raw_mean, raw_std = ctl["moments"](adv, mask)
   if p.normalize_advantages:
@@ -67,7 +70,8 @@ def make_loss(cfg, model_cfg, critic_cfg):
   def loss_fn(params, batch, rng):
     policy, critic = pg.policy_and_critic(params)
     mask = pg.row_mask(batch)
-    logp, ent = pg.token_logps(policy, batch, model_cfg, T, with_entropy=True, rng=rng)
+    logp, ent = pg.token_logps(policy, batch, model_cfg, T, with_entropy=True, rng=rng,
+                              window=cfg.rollout.max_new_tokens)
     surr, ratio, clipped = pg.clipped_surrogate(logp, batch["old_logps"], batch["advantages"], p.ratio_eps,
                                                 p.ratio_eps, p.dual_clip)
     v = pg.token_values(critic, batch, critic_cfg)

@@ -44,7 +44,7 @@ def make_loss(cfg, model_cfg):
 
   def loss_fn(params, batch, rng):
     policy, _ = pg.policy_and_critic(params)
-    logp = pg.token_logps(policy, batch, model_cfg, T, rng=rng)
+    logp = pg.token_logps(policy, batch, model_cfg, T, rng=rng, window=cfg.rollout.max_new_tokens)
     mask = pg.row_mask(batch)
     loss = pg.masked_sum(-logp * batch["advantages"], mask)
     return loss, jnp.sum(mask).astype(jnp.float32), {"loss": loss, **pg.token_sums(mask, logprob=logp)}

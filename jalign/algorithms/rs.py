@@ -37,7 +37,7 @@ def prepare(ro: dict, cfg, ctl: dict) -> tuple[dict, dict]:
 def make_loss(cfg, model_cfg):
   def loss_fn(params, batch, rng):
     policy, _ = pg.policy_and_critic(params)
-    logp = pg.token_logps(policy, batch, model_cfg, 1.0, rng=rng)
+    logp = pg.token_logps(policy, batch, model_cfg, 1.0, rng=rng, window=cfg.rollout.max_new_tokens)
     mask = pg.row_mask(batch)
     loss = -pg.masked_sum(logp, mask)
     return loss, jnp.sum(mask).astype(jnp.float32), {"loss": loss}

@@ -218,11 +218,11 @@ class ExperienceSource:
     m = {"rollout_size": len(ro["rewards"]) * self.nproc, "rewards": mean(ro["rewards"]),
          "response_lengths": mean(ro["lengths"]), "prompt_lengths": mean(ro["prompt_lengths"]),
          "fraction_of_samples_properly_ended": mean(ro["finished"])}
-    diff = np.abs(ro["logps"] - ro["sampler_logps"])[mask]
-    if self.cfg.algorithm in ("ppo", "grpo", "rloo"):  # same temperature on both sides
+    if self.cfg.algorithm in ("ppo", "grpo", "rloo") and "logps" in ro:  # same temperature on both sides
+      diff = np.abs(ro["logps"] - ro["sampler_logps"])[mask]
       m["logprob_diff_mean"] = float(diff.mean()) if diff.size else 0.0
       m["logprob_diff_max"] = float(diff.max()) if diff.size else 0.0
-    if "ref_logps" in ro:
+    if "ref_logps" in ro and "logps" in ro:
       from jalign.algorithms import pg
       import jax.numpy as jnp
       d = ro["logps"] - ro["ref_logps"]
