@@ -118,3 +118,29 @@ def test_ppo_on_two_meshes_gives_the_same_run(tmp_path):
     for k in keys:
       if k in ra:
         assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)
+
+
+def one_character(prompts, responses, rows):
+  """A reward the tiny model can learn in a few dozen steps: 1 for a one-character answer."""
+  return [float(len(r.strip()) == 1) for r in responses]
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("grpo", ["--config.rollout.num_generations=8"]),
+    ("rloo", ["--config.rollout.num_generations=8"]),
+    ("ppo", ["--config.rollout.num_generations=1", "--config.rollout.num_prompts=64", "--config.ppo.critic_lr=1e-3"]),
+    ("rs", ["--config.rollout.num_generations=8", "--config.train.global_batch_size=16"]),
+    ("online_dpo", ["--config.rollout.num_prompts=32", "--config.train.global_batch_size=32"]),
+])
+def test_each_algorithm_raises_its_reward(tmp_path, name, extra):
+  """Every algorithm moves the greedy held-out reward of a learnable programmatic reward from 0 to above 0.3
+  within 40 steps (seeded, not timed; measured 0.44-0.81): signs, advantages, masks and selection all have to be
+  right."""
+  cfg = _cfg(name, "--config.reward.sources=fn:test_rl:one_character", "--config.rollout.num_prompts=16",
+             "--config.train.global_batch_size=64", "--config.train.max_steps=40", "--config.checkpoint.every_steps=40",
+             "--config.eval.every_steps=40", "--config.rollout.eval_prompts=32", "--config.optim.lr=1e-4",
+             "--config.optim.warmup_steps=5", *extra)
+  summary = train.run(cfg, str(tmp_path))
+  before = summary["initial_eval"]["val_rollouts/rewards"]
+  after = [r for r in _metrics(tmp_path) if "val_rollouts/rewards" in r][-1]["val_rollouts/rewards"]
+  assert before < 0.05 and after > 0.3, (before, after)
