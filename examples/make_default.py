@@ -10,6 +10,7 @@ wrong one; held-out files use the SFT eval questions) and examples/tiny_sft_mode
 that the DPO and RM quickstarts start from. Seeded: the data and tokenizer are identical on every run.
 
   python examples/make_default.py --only preference   # just the preference files
+  python examples/make_default.py --only rm_model     # just examples/tiny_rm_model (the RM quickstart's result)
 """
 from __future__ import annotations
 
@@ -146,6 +147,27 @@ def make_sft_model():
     shutil.copytree(os.path.join(work, "model"), dst)
 
 
+def make_rm_model():
+  """Run the RM quickstart and keep its exported model, with the run's config.json (its tokenisation settings), as
+  examples/tiny_rm_model: the reward model the PPO-with-a-reward-model example and test use."""
+  from jalign import train
+  root = os.path.dirname(HERE)
+  dst = os.path.join(HERE, "tiny_rm_model")
+  with tempfile.TemporaryDirectory() as work:
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+      rc = train.main(["--config", "configs/rm_quickstart.py", "--workdir", work])
+    finally:
+      os.chdir(cwd)
+    if rc:
+      raise SystemExit(f"RM quickstart failed ({rc})")
+    if os.path.isdir(dst):
+      shutil.rmtree(dst)
+    shutil.copytree(os.path.join(work, "model"), dst)
+    shutil.copy(os.path.join(work, "config.json"), os.path.join(dst, "config.json"))
+
+
 if __name__ == "__main__":
   only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
   train_qs, eval_qs = make_data()
@@ -155,4 +177,6 @@ if __name__ == "__main__":
     make_tokenizer(train_qs)
     make_base_model()
     make_sft_model()
+  if only in (None, "rm_model"):
+    make_rm_model()
   print("wrote", DATA, "and", MODEL)

@@ -97,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
       sources=("fn:jalign.toy:reward",),  # fn:package.module:function | rm:RUN_OR_MODEL_DIR[@attribute] | http(s)://...
       weights=(),  # one per source; default 1.0 each
       standardize=False, mean=0.0, std=1.0,  # r <- (r - mean) / std (NeMo-Aligner's reward_standardization)
+      eval_sources=(),  # what evals score with (e.g. the task's grader while training on a reward model); default: sources
   ))
   c.ppo = ml_collections.ConfigDict(dict(
       kl_coef=0.01, use_absolute_kl=True, gamma=1.0, lam=0.95, normalize_advantages=True, ratio_eps=0.2,
@@ -365,7 +366,7 @@ def _validate_rl(cfg):
     raise ConfigError(f"reward.weights has {len(cfg.reward.weights)} values for {len(cfg.reward.sources)} sources")
   if cfg.reward.standardize and cfg.reward.std <= 0:
     raise ConfigError("reward.std must be > 0")
-  for s in cfg.reward.sources:
+  for s in tuple(cfg.reward.sources) + tuple(cfg.reward.eval_sources):
     try:
       rewards.check_spec(s)
     except ValueError as e:

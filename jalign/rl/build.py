@@ -74,8 +74,9 @@ def source_and_eval(r):
     eval_engine = Engine(None, r.model_cfg, batch_size=min(len(r.eval_prompts), 32),
                          max_new_tokens=ro.max_new_tokens, top_k_cap=0, prompt_buckets=(ro.max_prompt_len,),
                          pad_id=r.tok.pad_id, mesh=r.mesh, rules=r.rules)
+    eval_rewards = rewards_lib.Rewards(rw.eval_sources) if rw.eval_sources else rewards
     eval_fn = source_lib.RolloutEval(cfg=cfg, prompts=r.eval_prompts, tok=r.tok, engine=eval_engine,
-                                     policy=r.policy, rewards=rewards, responses=responses,
+                                     policy=r.policy, rewards=eval_rewards, responses=responses,
                                      table_dir=os.path.join(r.workdir, "rollouts"), write=r.main_proc)
   return src, eval_fn
 
