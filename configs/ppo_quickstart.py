@@ -16,11 +16,12 @@ def get_config():
   c.algorithm = "ppo"
   c.model.checkpoint = "examples/tiny_sft_model"
   c.data.update(train_path="examples/data/sft_train.jsonl", eval_path="examples/data/sft_eval.jsonl", add_bos=True)
-  c.rollout.update(num_prompts=64, num_generations=1, max_new_tokens=8, max_prompt_len=32, temperature=1.0)
+  c.rollout.update(num_prompts=512, num_generations=1, max_new_tokens=8, max_prompt_len=28, temperature=1.0,
+                   eval_prompts=200)
   c.reward.sources = ("fn:jalign.toy:reward",)
   c.ppo.update(kl_coef=0.01, gamma=1.0, lam=0.95, critic_lr=1e-3)
-  c.train.update(max_steps=100, global_batch_size=64, log_every=5)
-  c.optim.update(lr=1e-4, warmup_steps=10, schedule="constant", weight_decay=0.0)
+  c.train.update(max_steps=100, global_batch_size=512, log_every=10)
+  c.optim.update(lr=5e-5, warmup_steps=5, schedule="constant", weight_decay=0.0)
   c.checkpoint.update(every_steps=50, keep=2)
   c.eval.update(every_steps=25)
   return c

@@ -449,6 +449,7 @@ def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   from jalign.checkpoint import CheckpointError
   from jalign.data import DataError, TokenizerError
+  from jalign.rl.rewards import RewardError
   from jalign.trainer import NonFiniteLoss
   try:
     cfg, flags = config_lib.parse_args(argv)
@@ -458,7 +459,7 @@ def main(argv=None) -> int:
     if not workdir:
       raise config_lib.ConfigError("--workdir DIR is required")
     summary = run(cfg, workdir)
-  except (config_lib.ConfigError, DataError, TokenizerError, CheckpointError) as e:
+  except (config_lib.ConfigError, DataError, TokenizerError, CheckpointError, RewardError) as e:
     print(f"jalign: error: {e}", file=sys.stderr)
     return 2
   except NonFiniteLoss as e:

@@ -18,6 +18,7 @@ import collections.abc
 import dataclasses
 import importlib
 import json
+import logging
 import math
 import numbers
 import os
@@ -29,6 +30,8 @@ import urllib.request
 from typing import Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 KINDS = "fn:MODULE:FUNCTION, rm:PATH[@K] or an http(s):// URL"
 
@@ -204,7 +207,7 @@ class RewardModelSource:
       raise RewardError(f"reward source {spec}: @{k} is out of range; the reward head has {n} attributes")
     data_cfg, template = data_settings(argparse.Namespace(
         checkpoint=path, add_bos=None, add_eos=None, max_seq_len=None, truncation="error", chat_template=None))
-    self.max_len = data_cfg.max_seq_len
+    self.max_len, self.warned = data_cfg.max_seq_len, False
     data_cfg.max_seq_len = sys.maxsize  # lengths are checked in _encode, with a message for RL
     try:
       self.pair_tok = preference.PairTokenizer(model.tokenizer, data_cfg, template)
@@ -221,10 +224,11 @@ class RewardModelSource:
       ex = self.pair_tok.encode(segs, self.append_eod, f"samples[{i}]", 0)
     except DataError as e:
       raise RewardError(f"reward source {self.spec}: {e}") from e
-    if len(ex.tokens) > self.max_len:
-      raise RewardError(f"reward source {self.spec}: sample {i} is {len(ex.tokens)} tokens, more than the "
-                        f"reward model's data.max_seq_len={self.max_len} (what it was trained on); shorten the "
-                        "prompts or the generation length")
+    if len(ex.tokens) > self.max_len and not self.warned:  # scored all the same: it is a soft limit
+      self.warned = True
+      log.warning("reward source %s: sample %d is %d tokens, more than the reward model's data.max_seq_len=%d "
+                  "(what it was trained on); longer samples are scored as they are", self.spec, i, len(ex.tokens),
+                  self.max_len)
     return ex
 
   def __call__(self, samples: Samples) -> np.ndarray:
