@@ -28,10 +28,11 @@ def _metrics(workdir):
 
 
 @pytest.mark.parametrize("name,extra", [
-    ("grpo", ["--config.grpo.beta=0.04", "--config.grpo.kl_estimator=k3", "--config.grpo.loss_agg=dr_grpo"]),
+    ("grpo", ["--config.grpo.beta=0.04", "--config.grpo.kl_estimator=k3", "--config.grpo.loss_agg=dr_grpo",
+              "--config.rollout.num_generations=4"]),
     ("grpo", ["--config.grpo.dynamic_sampling=True", "--config.grpo.scale_rewards=batch",
-              "--config.grpo.mask_truncated=True", "--config.grpo.overlong_buffer=2"]),
-    ("rloo", []),
+              "--config.grpo.mask_truncated=True", "--config.grpo.overlong_buffer=2", "--config.rollout.num_generations=4"]),
+    ("rloo", ["--config.rollout.num_generations=4"]),
     ("ppo", ["--config.rollout.num_generations=2", "--config.ppo.entropy_coef=0.01"]),
     ("rs", ["--config.rs.top_n=2"]),
     ("online_dpo", ["--config.train.global_batch_size=8"]),
@@ -99,9 +100,9 @@ def test_rl_config_errors_are_one_line():
   with pytest.raises(config_lib.ConfigError, match="num_generations=2"):
     _cfg("online_dpo", "--config.rollout.num_generations=3")
   with pytest.raises(config_lib.ConfigError, match="reward.sources"):
-    _cfg("grpo", "--config.reward.sources=fn:nodots")
+    _cfg("grpo", "--config.reward.sources=fn:nodots", "--config.rollout.num_generations=4")
   with pytest.raises(config_lib.ConfigError, match="grpo.loss_agg"):
-    _cfg("grpo", "--config.grpo.loss_agg=mean")
+    _cfg("grpo", "--config.grpo.loss_agg=mean", "--config.rollout.num_generations=4")
 
 
 def test_ppo_on_two_meshes_gives_the_same_run(tmp_path):
