@@ -128,44 +128,37 @@ def make_preference_data(train_qs, eval_qs, seed=1, n_train=2000):
        "id": i} for i, (q, a, w) in enumerate(held)])
 
 
-def make_sft_model():
-  """Run the SFT quickstart and keep its exported model as examples/tiny_sft_model."""
+def keep_quickstart_model(config: str, name: str, with_run_config: bool = False):
+  """Run a quickstart config and keep its exported model as examples/<name> (with the run's config.json, which
+  holds its tokenisation settings, when ``with_run_config``)."""
   from jalign import train
   root = os.path.dirname(HERE)
-  dst = os.path.join(HERE, "tiny_sft_model")
+  dst = os.path.join(HERE, name)
   with tempfile.TemporaryDirectory() as work:
     cwd = os.getcwd()
     os.chdir(root)
     try:
-      rc = train.main(["--config", "configs/quickstart.py", "--workdir", work])
+      rc = train.main(["--config", config, "--workdir", work])
     finally:
       os.chdir(cwd)
     if rc:
-      raise SystemExit(f"SFT quickstart failed ({rc})")
+      raise SystemExit(f"{config} failed ({rc})")
     if os.path.isdir(dst):
       shutil.rmtree(dst)
     shutil.copytree(os.path.join(work, "model"), dst)
+    if with_run_config:
+      shutil.copy(os.path.join(work, "config.json"), os.path.join(dst, "config.json"))
+
+
+def make_sft_model():
+  """The SFT quickstart's model: examples/tiny_sft_model."""
+  keep_quickstart_model("configs/quickstart.py", "tiny_sft_model")
 
 
 def make_rm_model():
-  """Run the RM quickstart and keep its exported model, with the run's config.json (its tokenisation settings), as
-  examples/tiny_rm_model: the reward model the PPO-with-a-reward-model example and test use."""
-  from jalign import train
-  root = os.path.dirname(HERE)
-  dst = os.path.join(HERE, "tiny_rm_model")
-  with tempfile.TemporaryDirectory() as work:
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-      rc = train.main(["--config", "configs/rm_quickstart.py", "--workdir", work])
-    finally:
-      os.chdir(cwd)
-    if rc:
-      raise SystemExit(f"RM quickstart failed ({rc})")
-    if os.path.isdir(dst):
-      shutil.rmtree(dst)
-    shutil.copytree(os.path.join(work, "model"), dst)
-    shutil.copy(os.path.join(work, "config.json"), os.path.join(dst, "config.json"))
+  """The RM quickstart's model with its run's config.json: examples/tiny_rm_model, the reward model the
+  PPO-with-a-reward-model example uses."""
+  keep_quickstart_model("configs/rm_quickstart.py", "tiny_rm_model", with_run_config=True)
 
 
 if __name__ == "__main__":

@@ -586,6 +586,19 @@ class _IdTokenizer:
     return self.pad
 
 
+def _tunix_config(hf_dir: str):
+  """Tunix's Llama 3 config for the exported HF directory, and the head dim."""
+  from tunix.models.llama3 import model as tunix_llama
+  with open(os.path.join(hf_dir, "config.json")) as f:
+    hc = json.load(f)
+  dh = hc.get("head_dim") or hc["hidden_size"] // hc["num_attention_heads"]
+  return tunix_llama.ModelConfig(
+      num_layers=hc["num_hidden_layers"], vocab_size=hc["vocab_size"], embed_dim=hc["hidden_size"],
+      hidden_dim=hc["intermediate_size"], num_heads=hc["num_attention_heads"], head_dim=dh,
+      num_kv_heads=hc["num_key_value_heads"], rope_theta=hc.get("rope_theta", 10000.0), norm_eps=hc["rms_norm_eps"],
+      weight_tying=hc.get("tie_word_embeddings", False)), dh
+
+
 def run_tunix_gen(model_dir: str, hf_dir: str, batch: int, mode: str, new_tokens: int, prompt_len: int,
                   reps: int = 3) -> dict:
   """Tunix's ``Sampler`` with its Llama 3 model loaded from the exported safetensors (fp32). Greedy is its
@@ -593,22 +606,14 @@ def run_tunix_gen(model_dir: str, hf_dir: str, batch: int, mode: str, new_tokens
   try:
     import jax.numpy as jnp
     from tunix.generate import sampler as tunix_sampler
-    from tunix.models.llama3 import model as tunix_llama
     from tunix.models.llama3 import params as tunix_params
   except ImportError as e:
     return {"not_installed": f"{type(e).__name__}: {e}"}
-  with open(os.path.join(hf_dir, "config.json")) as f:
-    hc = json.load(f)
-  dh = hc.get("head_dim") or hc["hidden_size"] // hc["num_attention_heads"]
-  tcfg = tunix_llama.ModelConfig(num_layers=hc["num_hidden_layers"], vocab_size=hc["vocab_size"],
-                                 embed_dim=hc["hidden_size"], hidden_dim=hc["intermediate_size"],
-                                 num_heads=hc["num_attention_heads"], head_dim=dh,
-                                 num_kv_heads=hc["num_key_value_heads"], rope_theta=hc.get("rope_theta", 10000.0),
-                                 norm_eps=hc["rms_norm_eps"], weight_tying=hc.get("tie_word_embeddings", False))
+  tcfg, dh = _tunix_config(hf_dir)
   model = tunix_params.create_model_from_safe_tensors(hf_dir, tcfg, mesh=None, dtype=jnp.float32)
   cache = tunix_sampler.CacheConfig(cache_size=prompt_len + new_tokens, num_layers=tcfg.num_layers,
                                     num_kv_heads=tcfg.num_kv_heads, head_dim=dh)
-  s = tunix_sampler.Sampler(model, _IdTokenizer(hc["vocab_size"] - 1), cache)
+  s = tunix_sampler.Sampler(model, _IdTokenizer(tcfg.vocab_size - 1), cache)
   strings = [" ".join(map(str, r)) for r in gen_prompts(batch, prompt_len)]
   m = GEN_MODES[mode]
   kw = dict(temperature=0.0) if m["temperature"] <= 0 else dict(temperature=m["temperature"], top_p=m["top_p"])
@@ -898,21 +903,13 @@ def run_tunix_rl(model_dir: str, hf_dir: str, tok_dir: str, data_path: str, prom
     import jax
     import jax.numpy as jnp
     import optax
-    from tunix.models.llama3 import model as tunix_llama
     from tunix.models.llama3 import params as tunix_params
     from tunix.rl import rl_cluster as rl_cluster_lib
     from tunix.rl.grpo import grpo_learner
     from tunix.rl.rollout import base_rollout
   except ImportError as e:
     return {"not_installed": f"{type(e).__name__}: {e}"}
-  with open(os.path.join(hf_dir, "config.json")) as f:
-    hc = json.load(f)
-  dh = hc.get("head_dim") or hc["hidden_size"] // hc["num_attention_heads"]
-  tcfg = tunix_llama.ModelConfig(num_layers=hc["num_hidden_layers"], vocab_size=hc["vocab_size"],
-                                 embed_dim=hc["hidden_size"], hidden_dim=hc["intermediate_size"],
-                                 num_heads=hc["num_attention_heads"], head_dim=dh,
-                                 num_kv_heads=hc["num_key_value_heads"], rope_theta=hc.get("rope_theta", 10000.0),
-                                 norm_eps=hc["rms_norm_eps"], weight_tying=hc.get("tie_word_embeddings", False))
+  tcfg, dh = _tunix_config(hf_dir)
   mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   with mesh:
     model = tunix_params.create_model_from_safe_tensors(hf_dir, tcfg, mesh=mesh, dtype=jnp.float32)
@@ -932,7 +929,7 @@ def run_tunix_rl(model_dir: str, hf_dir: str, tok_dir: str, data_path: str, prom
       role_to_mesh={rl_cluster_lib.Role.ACTOR: mesh, rl_cluster_lib.Role.REFERENCE: mesh,
                     rl_cluster_lib.Role.ROLLOUT: mesh},
       rollout_engine="vanilla", offload_to_cpu=False, training_config=training, rollout_config=rollout)
-  rl = rl_cluster_lib.RLCluster(actor=model, reference=None, tokenizer=_WordTokenizer(hc["vocab_size"] - 1),
+  rl = rl_cluster_lib.RLCluster(actor=model, reference=None, tokenizer=_WordTokenizer(tcfg.vocab_size - 1),
                                 cluster_config=cluster)
   comp_len, rewards = [], []
 

@@ -265,10 +265,10 @@ def _merge(dst, src):
 
 def validate(cfg):
   t, d, o = cfg.train, cfg.data, cfg.optim
-  algos = ("sft", "rm", "dpo", "kto", "ppo", "grpo", "rloo", "rs", "online_dpo")
-  if cfg.algorithm not in algos:
-    raise ConfigError(f"algorithm={cfg.algorithm!r}: available: {', '.join(algos)}")
-  if cfg.algorithm in ("ppo", "grpo", "rloo", "rs", "online_dpo"):
+  from jalign import algorithms
+  if cfg.algorithm not in algorithms.REGISTRY:
+    raise ConfigError(f"algorithm={cfg.algorithm!r}: available: {', '.join(algorithms.REGISTRY)}")
+  if cfg.algorithm in algorithms.RL:
     _validate_rl(cfg)
   else:
     _validate_preference(cfg)

@@ -380,12 +380,6 @@ def loop_and_finish(r: Run, state, source, eval_fn, on_step) -> dict:
   return summary
 
 
-def policy_params(st):
-  """The model's params (trainable and frozen) from a train state, without a reference copy or critic."""
-  from jalign.algorithms import common
-  return common.policy_params({**st["frozen"], **st["params"]})
-
-
 def reference_mode(cfg) -> str:
   """Where the reference log-probs come from, or "none" (SFT, RM, reference-free DPO losses, RL without KL)."""
   from jalign import algorithms

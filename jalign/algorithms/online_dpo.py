@@ -16,10 +16,6 @@ def needs_reference(cfg) -> bool:
   return True
 
 
-def rows_per_rollout(cfg) -> int:
-  return cfg.rollout.num_prompts
-
-
 def batch_axes(cfg) -> dict:
   return {**{k: common.PAIR_AXES[k] for k in PAIR_KEYS}, "ref_logps": ("batch", None), "weight": ("batch",)}
 

@@ -12,10 +12,6 @@ def needs_reference(cfg) -> bool:
   return False
 
 
-def rows_per_rollout(cfg) -> int:
-  return cfg.rollout.num_prompts * cfg.rs.top_n
-
-
 def batch_axes(cfg) -> dict:
   return dict(pg.ROLLOUT_AXES)
 

@@ -59,7 +59,6 @@ def source_and_eval(r):
   stops = generate.stop_ids(r.tok, template, cfg.data.chat_prompt_tokens)
   end_of_turn = cfg.data.chat_prompt_tokens.end_of_turn if template == "nemo" else ""
   responses = generate.Responses(r.tok, stops, end_of_turn, ())
-  responses.stops = sorted(stops)
   rw = cfg.reward
   rewards = rewards_lib.Rewards(rw.sources, rw.weights, standardize=rw.standardize, mean=rw.mean, std=rw.std)
   engine = Engine(None, r.model_cfg, batch_size=ro.num_prompts // r.nproc, max_new_tokens=ro.max_new_tokens,

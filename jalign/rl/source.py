@@ -129,7 +129,7 @@ class ExperienceSource:
                         max_new_tokens=ro_cfg.max_new_tokens)
     self.engine.params = self.policy(state)
     ids = [self.prompts[i][1] for i in idx]
-    out = self.engine.generate(ids, sp, n=ro_cfg.num_generations, stop_ids=self.responses.stops, seed=seeds)
+    out = self.engine.generate(ids, sp, n=ro_cfg.num_generations, stop_ids=sorted(self.responses.stops), seed=seeds)
     self.engine.params = None  # no reference to the state's buffers, which the train step donates
     return ids, out
 
@@ -271,7 +271,7 @@ class RolloutEval:
     self.engine.params = self.policy(state)
     ids = [p[1] for p in self.prompts]
     out = self.engine.generate(ids, SamplingParams(temperature=0.0, max_new_tokens=self.cfg.rollout.max_new_tokens),
-                               stop_ids=self.responses.stops, seed=0)
+                               stop_ids=sorted(self.responses.stops), seed=0)
     self.engine.params = None
     prompts, responses, texts, finished = [], [], [], []
     for p, (s,) in zip(ids, out):
