@@ -3,8 +3,12 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# 8 simulated CPU devices for the sharding tests; must happen before jax is imported anywhere.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# 8 simulated CPU devices for the sharding tests; must happen before jax is imported anywhere. On a loaded
+# 2-core machine the 8 devices' threads can reach a collective far apart, so XLA's CPU rendezvous gets 15 minutes
+# before it aborts the process (its default is much shorter).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           " --xla_cpu_collective_timeout_seconds=900"
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=900").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Persistent compilation cache: the many short runs compile the same steps; subprocesses inherit it.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".pytest_cache", "jax"))
