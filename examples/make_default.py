@@ -6,10 +6,12 @@ Writes examples/data/{pretrain,sft_train,sft_eval}.jsonl, examples/tiny_model/to
 base model (examples/tiny_model/{model_config.json,params/}) pretrained for a few hundred steps on plain-text
 renderings of the task ("12+34=46"), so that SFT has something to build on. Then the preference data
 (dpo_*, rm_*, rm_regression_*, kto_*, rewardbench_toy.jsonl: chosen = the right answer, rejected = a plausible
-wrong one; held-out files use the SFT eval questions) and examples/tiny_sft_model, the quickstart's SFT result
+wrong one; held-out files use the SFT eval questions), the SteerLM rows (steerlm_*: terse or worked answers labelled
+with their exact attributes) and examples/tiny_sft_model, the quickstart's SFT result
 that the DPO and RM quickstarts start from. Seeded: the data and tokenizer are identical on every run.
 
-  python examples/make_default.py --only preference   # just the preference files
+  python examples/make_default.py --only preference   # just the preference (and SteerLM) files
+  python examples/make_default.py --only steerlm      # just the SteerLM files
   python examples/make_default.py --only rm_model     # just examples/tiny_rm_model (the RM quickstart's result)
 """
 from __future__ import annotations
@@ -38,9 +40,7 @@ def write_jsonl(path, rows):
 
 
 def plain(q, a):
-  if q.startswith("What is "):
-    return q[len("What is "):-1] + "=" + a
-  return q[len("Reverse "):-1] + " reversed is " + a
+  return toy.worked(q, a)
 
 
 def make_data(seed=0):
@@ -128,6 +128,23 @@ def make_preference_data(train_qs, eval_qs, seed=1, n_train=2000):
        "id": i} for i, (q, a, w) in enumerate(held)])
 
 
+def make_steerlm_data(train_qs, eval_qs, seed=2, n_train=2000):
+  """SteerLM attribute-conditioned SFT rows (NeMo chat, ``type: VALUE_TO_TEXT``): each question answered tersely or
+  with its working shown, rightly or wrongly, and labelled with its exact helpfulness, correctness and verbosity.
+  The held-out file has every eval question twice, once terse and once worked, both right."""
+  rng = random.Random(seed)
+
+  def row(q, r):
+    return toy.nemo_chat_row(q, r, toy.steer_label(q, r))
+
+  train = []
+  for q, a in train_qs[:n_train]:
+    r = a if rng.random() < 0.9 else toy.wrong_answer(q, rng)
+    train.append(row(q, toy.worked(q, r) if rng.random() < 0.5 else r))
+  write_jsonl(os.path.join(DATA, "steerlm_train.jsonl"), train)
+  write_jsonl(os.path.join(DATA, "steerlm_eval.jsonl"), [row(q, r) for q, a in eval_qs for r in (a, toy.worked(q, a))])
+
+
 def keep_quickstart_model(config: str, name: str, with_run_config: bool = False):
   """Run a quickstart config and keep its exported model as examples/<name> (with the run's config.json, which
   holds its tokenisation settings, when ``with_run_config``)."""
@@ -166,6 +183,8 @@ if __name__ == "__main__":
   train_qs, eval_qs = make_data()
   if only in (None, "preference"):
     make_preference_data(train_qs, eval_qs)
+  if only in (None, "preference", "steerlm"):
+    make_steerlm_data(train_qs, eval_qs)
   if only is None:
     make_tokenizer(train_qs)
     make_base_model()

@@ -83,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rm = ml_collections.ConfigDict(dict(
       loss="bradley_terry",  # bradley_terry | regression | regular_bt | margin_bt | scaled_bt
       num_attributes=1, reward_index=0, center_coef=0.0, label_range=(0.0, 4.0),
+      attribute_names=(),  # names of the head's outputs (SteerLM annotation); () = HelpSteer2's nine for nine
   ))
 
   # Online RL (algorithm=ppo | grpo | rloo | rs | online_dpo); defaults follow NeMo-Aligner (PPO, RLOO, RS) and
@@ -119,6 +120,31 @@ def base_config() -> ml_collections.ConfigDict:
   c.rloo = ml_collections.ConfigDict(dict(kl_coef=0.01, use_absolute_kl=True, unfinished="mask"))  # mask | keep
   c.rs = ml_collections.ConfigDict(dict(top_n=1))
   c.online_dpo = ml_collections.ConfigDict(dict(beta=0.1, loss="dpo"))  # dpo | ipo | hinge
+  # Knowledge distillation (algorithm=kd); NeMo-Aligner's knowledge_distillation keys and defaults (docs/kd.md).
+  c.kd = ml_collections.ConfigDict(dict(
+      mode="offline",  # offline: stored top-K (kd.topk_path) | online: teacher forward in the step
+      kd_loss="fwd_kl", kd_loss_weight=1.0, sft_loss_weight=0.0, logits_scale=1.0, target_logits_scale=1.0,
+      k=32,  # top-K ids per position (offline: the first k of the stored ones)
+      topk_path="", eval_topk_path="",  # jalign.distill dirs or NeMo KD JSONL for data.train_path / eval_path
+      teacher_checkpoint="",  # mode=online: the teacher's jalign model dir (or finished run)
+  ))
+  c.spin = ml_collections.ConfigDict(dict(  # algorithm=spin (NeMo-Aligner's trainer.spin / model.spin)
+      max_iterations=3, steps_per_iteration=0,  # 0: one pass over the training rows (NeMo's max_epochs=1)
+      ref_policy_kl_penalty=(0.2,),  # beta: one value, or one per iteration
+      temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=0,  # sampling of the reference; 0: data.max_seq_len // 2
+  ))
+  # SteerLM 2.0 (algorithm=steerlm2 trains on its JSONL; python -m jalign.steerlm2 generate|iterate writes it)
+  c.steerlm2 = ml_collections.ConfigDict(dict(
+      attribute_names=("quality", "toxicity", "humor", "creativity", "helpfulness", "correctness", "coherence",
+                       "complexity", "verbosity"),  # allowed in labels; an rm: head's outputs in this order
+      prompts_path="", num_prompts=0,  # generation prompts (0: all rows)
+      labels=("helpfulness:4,correctness:4",),  # attribute strings a; one group per (prompt, label)
+      num_responses=4, max_new_tokens=16, max_prompt_len=64, temperature=1.0, top_k=0, top_p=1.0,
+      attribute_model="fn:jalign.steerlm2:toy_attributes",  # P(a|x,y): rm:REGRESSION_RM_DIR | fn:module:function
+      attribute_sigma=1.0,  # width of the per-attribute distribution over 0..4 centred on the prediction
+      unconditional_checkpoint="",  # P(y|x); default: model.checkpoint (iterate: the first iteration's)
+      batch_size=16,  # prompts per generation batch and sequences per scoring forward
+  ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=sharding.DEFAULT_RULES))
   c.checkpoint = ml_collections.ConfigDict(dict(
@@ -191,7 +217,7 @@ def _parse_value(key: str, text: str, current):
       val = ast.literal_eval(text)
     except (ValueError, SyntaxError):
       val = tuple(s for s in text.split(",") if s)
-    if isinstance(val, str):
+    if isinstance(val, (str, int, float)):  # one value: a one-element list
       val = (val,)
     if not isinstance(val, (tuple, list)):
       raise bad("a list")
@@ -272,6 +298,9 @@ def validate(cfg):
     _validate_rl(cfg)
   else:
     _validate_preference(cfg)
+  if cfg.algorithm == "kd":
+    from jalign.algorithms import kd
+    kd.check_config(cfg)
   if t.max_steps <= 0:
     raise ConfigError(f"train.max_steps must be > 0, got {t.max_steps}")
   if t.global_batch_size <= 0:
@@ -301,6 +330,9 @@ def _validate_preference(cfg):
   from jalign.algorithms import common, dpo, rm
   if cfg.algorithm == "sft":
     return
+  if cfg.algorithm == "spin":
+    from jalign.algorithms import spin
+    spin.validate(cfg)
   if cfg.data.packing:
     raise ConfigError(f"data.packing is for SFT; algorithm={cfg.algorithm} pads each sequence")
   if cfg.reference not in common.REFERENCE_MODES:
@@ -321,6 +353,9 @@ def _validate_preference(cfg):
       raise ConfigError(f"rm.reward_index={r.reward_index} must be in [0, rm.num_attributes={r.num_attributes})")
     if len(r.label_range) != 2 or r.label_range[0] > r.label_range[1]:
       raise ConfigError(f"rm.label_range={r.label_range!r}: expected (low, high)")
+    if r.attribute_names and len(r.attribute_names) != r.num_attributes:
+      raise ConfigError(f"rm.attribute_names has {len(r.attribute_names)} names for rm.num_attributes="
+                        f"{r.num_attributes}")
 
 
 def _choice(value, key, options):

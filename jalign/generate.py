@@ -9,6 +9,10 @@ Input rows (detected per row by their keys):
   ``mask`` is replaced), rendered with ``data.chat_prompt_tokens`` up to the next reply's name (and its label
   with ``type: VALUE_TO_TEXT``);
 - NeMo prompt/response ``{"input": ...}``: ``data.prompt_template`` up to ``{output}``.
+SteerLM: ``--attributes 'quality:4,verbosity:0'`` (or a JSON object; a row's own ``attributes`` key wins) renders
+the desired attributes as the reply's label (``<extra_id_2>quality:4,verbosity:0`` and a newline after the
+assistant's name), exactly as ``type: VALUE_TO_TEXT`` training rendered them; a dict is written in
+HelpSteer2's attribute order.
 Each output line is the input row plus ``responses`` (``--n`` strings), ``finished`` (per response: ended by a stop
 token or string, not by ``--max-new-tokens``) and, with ``--logprobs``, ``logprobs`` (per response, the log-prob
 of each token the response text came from). A response excludes its stop token or string.
@@ -52,40 +56,56 @@ class Prompts:
     from jalign.data.formats import SegmentBuilder
     self.tok, self.cfg, self.b = tokenizer, data_cfg, SegmentBuilder(tokenizer, data_cfg, chat_template)
 
-  def ids(self, obj, path, line) -> list[int]:
-    from jalign.data import DataError
+  def ids(self, obj, path, line, attributes=None) -> list[int]:
+    """Prompt ids of a row; ``attributes`` (a dict or a SteerLM string; the row's ``attributes`` key wins) become
+    the reply's label, as ``VALUE_TO_TEXT`` training rendered it."""
+    from jalign.data import DataError, attributes as attrs
     from jalign.data.formats import tokenize_segments
-    ids, _ = tokenize_segments(self.tok, self.segments(obj, path, line), add_bos=self.cfg.add_bos, add_eos=False,
-                               answer_only=True)
+    spec, label = obj.get("attributes", attributes), None
+    if spec is not None:
+      try:
+        label = attrs.label(spec)
+      except attrs.AttributeStringError as e:
+        raise DataError(path, line, "attributes", str(e)) from None
+    ids, _ = tokenize_segments(self.tok, self.segments(obj, path, line, label), add_bos=self.cfg.add_bos,
+                               add_eos=False, answer_only=True)
     if not len(ids):
       raise DataError(path, line, None, "empty prompt")
     return ids.tolist()
 
-  def segments(self, obj, path, line):
+  def segments(self, obj, path, line, label=None):
     from jalign.data import DataError, formats, templates
     if "conversations" in obj:
-      return [(self._nemo_chat(obj, path, line), False)]
+      return [(self._nemo_chat(obj, path, line, label), False)]
     if "messages" in obj:
       msgs = formats._messages(obj, "messages", path, line, self.b.roles)
       if msgs[-1]["role"] == "assistant":  # the reference reply: the response replaces it
         msgs = msgs[:-1]
-      return [(self._chat(msgs, "messages", path, line), False)]
+      return [(self._chat(msgs, "messages", path, line, label), False)]
+    if label is not None and (self.b.chat != "nemo" or "input" in obj):
+      raise DataError(path, line, "attributes", "SteerLM attributes need a chat or raw-prompt row and the NeMo chat "
+                      "template (tokenizer.chat_template=nemo)")
     if "input" in obj:
       values = {"input": formats._str(obj, "input", path, line), "output": ""}
       pieces = templates.nemo_prompt_pieces(self.cfg.prompt_template, values, self.b.space_sensitive)
       return templates.Pieces(itertools.takewhile(lambda piece: not piece[1], pieces))  # up to {output}
     if isinstance(obj.get("prompt"), list):
-      return [(self._chat(formats._messages(obj, "prompt", path, line, self.b.roles), "prompt", path, line), False)]
-    if "prompt" in obj:
-      return [(formats._str(obj, "prompt", path, line), False)]
+      msgs = formats._messages(obj, "prompt", path, line, self.b.roles)
+      return [(self._chat(msgs, "prompt", path, line, label), False)]
+    if "prompt" in obj:  # raw text; a label goes at its end (it should end with the assistant's name)
+      text = formats._str(obj, "prompt", path, line)
+      return [(text if label is None else text + templates.label_text(label, self.b.chat_tokens), False)]
     raise DataError(path, line, None, f"unrecognised row with keys {sorted(obj)}; expected prompt, messages, "
                     "conversations or input")
 
-  def _chat(self, msgs, key, path, line) -> str:
-    """Messages rendered with the chat template, followed by the generation prompt."""
+  def _chat(self, msgs, key, path, line, label=None) -> str:
+    """Messages rendered with the chat template, followed by the generation prompt (and the label)."""
     from jalign.data import DataError, templates
     from jalign.data.formats import NEMO_ROLES
     if self.b.chat == "hf":
+      if label is not None:
+        raise DataError(path, line, "attributes", "SteerLM attributes need the NeMo chat template "
+                        "(tokenizer.chat_template=nemo)")
       try:
         return templates.render_hf(self.tok.chat_template, msgs, add_generation_prompt=True, **self.b.special)
       except templates.TemplateError as e:
@@ -96,10 +116,11 @@ class Prompts:
         raise DataError(path, line, f"{key}[{j}].role", "the NeMo template allows one system message, first, and "
                         "no tool role")
     turns = [(NEMO_ROLES[m["role"]], m["content"]) for m in msgs if m["role"] != "system"]
-    return templates.nemo_generation_prompt(system, turns, tokens=self.b.chat_tokens)
+    return templates.nemo_generation_prompt(system, turns, tokens=self.b.chat_tokens, label=label)
 
-  def _nemo_chat(self, obj, path, line) -> str:
-    """The conversation up to the next reply's name (and label); a final reply is the reference, left out."""
+  def _nemo_chat(self, obj, path, line, desired=None) -> str:
+    """The conversation up to the next reply's name (and label: ``desired``, else the reference reply's with
+    ``type: VALUE_TO_TEXT``); a final reply is the reference, left out."""
     from jalign.data import templates
     self.b.segments(obj, path, line)  # validates the row
     t, masked = self.b.chat_tokens, set(obj.get("mask", "User").split(","))
@@ -109,9 +130,10 @@ class Prompts:
     role, label = replies[-1] if replies else "Assistant", None
     if turns[-1][0] not in masked:
       role, _, label = turns.pop()
-    label_text = lambda lb: "" if lb is None else f"{t.label_start}{lb}{t.end_of_name}"
+    label_text = lambda lb: "" if lb is None else templates.label_text(lb, t)
     shown = [(r, label_text(lb) + v) for r, v, lb in turns]
-    return templates.nemo_generation_prompt(obj.get("system", ""), shown, role, t) + label_text(label)
+    return templates.nemo_generation_prompt(obj.get("system", ""), shown, role, t,
+                                            desired if desired is not None else label)
 
 
 def stop_ids(tok, chat_template: str, chat_tokens) -> list[int]:
@@ -149,15 +171,16 @@ class Responses:
     return k
 
 
-def read_rows(path, prompts: Prompts, max_len: int):
-  """[(row, prompt ids)] for every input row; the first bad row raises a DataError."""
+def read_rows(path, prompts: Prompts, max_len: int, attributes=None):
+  """[(row, prompt ids)] for every input row; the first bad row raises a DataError. ``attributes``: the SteerLM
+  attributes every reply is asked for (a row's own ``attributes`` key wins)."""
   from jalign.data import DataError
   from jalign.data.formats import read_jsonl
   out = []
   for line, obj in read_jsonl(path):
     if isinstance(obj, DataError):
       raise obj
-    ids = prompts.ids(obj, path, line)
+    ids = prompts.ids(obj, path, line, attributes)
     if len(ids) > max_len:
       raise DataError(path, line, None, f"prompt of {len(ids)} tokens is longer than the longest the engine takes "
                       f"({max_len})")
@@ -260,7 +283,19 @@ def _parser():
   p.add_argument("--logprobs", action="store_true", help="add per-token log-probs of each response")
   p.add_argument("--add-bos", dest="add_bos", type=lambda s: s.lower() in ("1", "true", "yes"))
   p.add_argument("--chat-template", choices=("nemo", "hf"))
+  p.add_argument("--attributes", type=_attributes_arg,
+                 help="SteerLM: desired attributes for every reply, 'quality:4,verbosity:0' or a JSON object "
+                 "(a row's own 'attributes' key wins); rendered after <extra_id_2> as training rendered labels")
   return p
+
+
+def _attributes_arg(text: str):
+  if text.lstrip().startswith("{"):
+    try:
+      return json.loads(text)
+    except json.JSONDecodeError as e:
+      raise argparse.ArgumentTypeError(f"not a JSON object: {e}") from None
+  return text
 
 
 def main(argv=None) -> int:
@@ -282,7 +317,7 @@ def main(argv=None) -> int:
     prompts = Prompts(tok, data_cfg, template)
     engine = Engine(model.params, model.config, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                     top_k_cap=args.top_k, pad_id=tok.pad_id)
-    rows = read_rows(args.input, prompts, engine.buckets[-1])
+    rows = read_rows(args.input, prompts, engine.buckets[-1], args.attributes)
     start = rows_done(args.output, rows)
   except (ValueError, DataError, TokenizerError, FileNotFoundError) as e:
     print(f"jalign.generate: error: {e}", file=sys.stderr)

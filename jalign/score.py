@@ -10,6 +10,11 @@ A multi-attribute head writes a list per row, or one number with ``--attribute-w
 and responses are plain text, rendered as one user and one assistant turn with the chat template); prints
 accuracy per subset, section scores and the overall score, and writes them to ``--report``.
 
+``--annotate`` (SteerLM): each reply of NeMo chat rows is scored by a regression (attribute) RM on the text it was
+trained on (the conversation up to the reply, then ``<extra_id_2>``) and labelled ``quality:4,toxicity:0,...``
+(``type: VALUE_TO_TEXT``; values rounded and clipped to 0-4; names from ``--attribute-names``, the RM run's
+``rm.attribute_names`` or HelpSteer2's nine; ``--attributes`` picks which are written).
+
 ``--reference REF``: score with a DPO policy's implicit reward, sum log pi(response) - sum log pi_ref(response),
 instead of a reward head (as RewardBench evaluates DPO models).
 
@@ -153,6 +158,68 @@ def tokenize_rows(path, tok, data_cfg, chat_template, rewardbench=False):
   return out
 
 
+def attribute_names(args, model) -> tuple[str, ...]:
+  """Names of the reward head's outputs: --attribute-names, else the RM run's ``rm.attribute_names``, else
+  HelpSteer2's nine for a nine-output head."""
+  from jalign.data import attributes
+  n = model.config.num_value_heads
+  names = args.attribute_names.split(",") if args.attribute_names else None
+  if names is None:
+    run = _run_config(args.checkpoint) or {}
+    names = list(run.get("rm", {}).get("attribute_names", ())) or None
+  if names is None and n == len(attributes.HELPSTEER2):
+    names = list(attributes.HELPSTEER2)
+  if names is None:
+    raise ValueError(f"the reward head has {n} outputs: name them with --attribute-names a,b,... (or "
+                     "rm.attribute_names in the RM's training config)")
+  if len(names) != n:
+    raise ValueError(f"{len(names)} attribute names for a reward head of {n} outputs")
+  return tuple(names)
+
+
+def annotation_rows(path, tok, data_cfg):
+  """[(row, [(turn index, Example)])]: each reply of a NeMo chat row (a turn whose role is not masked) as the
+  regression RM's training text, the conversation up to and including the reply followed by ``label_start``."""
+  from jalign.data import DataError, preference, templates
+  from jalign.data.formats import read_jsonl
+  pt = preference.PairTokenizer(tok, data_cfg, "nemo")
+  t = pt.builder.chat_tokens
+  out = []
+  for line, obj in read_jsonl(path):
+    if isinstance(obj, DataError):
+      raise obj
+    if not isinstance(obj, dict) or "conversations" not in obj:
+      raise DataError(path, line, "conversations", "--annotate takes NeMo chat rows (system, conversations, mask)")
+    pt.builder.segments(obj, path, line)  # validates the row
+    turns, masked = obj["conversations"], set(obj.get("mask", "User").split(","))
+    replies = []
+    for j, turn in enumerate(turns):
+      if turn["from"] in masked:
+        continue
+      text = templates.nemo_generation_prompt(obj.get("system", ""), [(c["from"], c["value"]) for c in turns[:j]],
+                                              turn["from"], t) + turn["value"] + t.end_of_turn + t.label_start
+      segs, _ = pt.builder.segments({"text": text}, path, line)
+      replies.append((j, pt.encode(segs, data_cfg.append_eod, path, line)))
+    out.append((obj, replies))
+  return out
+
+
+def annotate(rows, scores, names, keep) -> list[dict]:
+  """Rows with each scored reply labelled (``type: VALUE_TO_TEXT``) by the attributes in ``keep``, values rounded
+  and clipped to 0-4."""
+  from jalign.data import attributes
+  idx = [names.index(k) for k in keep]
+  it, out = iter(scores), []
+  for obj, replies in rows:
+    obj = {**obj, "type": "VALUE_TO_TEXT", "conversations": [dict(c) for c in obj["conversations"]]}
+    for j, _ in replies:
+      v = next(it)
+      v = [v] if not isinstance(v, list) else v
+      obj["conversations"][j]["label"] = attributes.from_scores(keep, [v[i] for i in idx])
+    out.append(obj)
+  return out
+
+
 def main(argv=None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   p = argparse.ArgumentParser(prog="python -m jalign.score", description=__doc__.split("\n")[0])
@@ -172,6 +239,12 @@ def main(argv=None) -> int:
   p.add_argument("--add-eos", dest="add_eos", type=lambda s: s.lower() in ("1", "true", "yes"))
   p.add_argument("--truncation", default="error", choices=("error", "left", "right"))
   p.add_argument("--chat-template", choices=("nemo", "hf"))
+  p.add_argument("--annotate", action="store_true", help="SteerLM: label each reply of NeMo chat rows with the "
+                 "regression RM's attributes (type VALUE_TO_TEXT, values rounded and clipped to 0-4)")
+  p.add_argument("--attribute-names", help="names of the head's outputs (default: the RM run's "
+                 "rm.attribute_names, or HelpSteer2's nine for a nine-output head)")
+  p.add_argument("--attributes", help="with --annotate: the attributes written, comma-separated, in the head's "
+                 "order (default: all)")
   args = p.parse_args(argv)
 
   import jalign
@@ -192,8 +265,16 @@ def main(argv=None) -> int:
         raise ValueError(f"--attribute-weights has {len(weights)} values; the head has "
                          f"{model.config.num_value_heads} attributes")
     data_cfg, template = data_settings(args)
-    rows = tokenize_rows(args.input, model.tokenizer, data_cfg, template, args.rewardbench)
     scorer = Scorer(model, reference, args.batch_size, args.reward_mean, args.reward_std, weights)
+    if args.annotate:
+      if weights is not None or reference is not None or args.rewardbench:
+        raise ValueError("--annotate writes every attribute: drop --attribute-weights, --reference, --rewardbench")
+      names = attribute_names(args, model)
+      keep = tuple(args.attributes.split(",")) if args.attributes else names
+      if [k for k in names if k in keep] != list(keep):
+        raise ValueError(f"--attributes {','.join(keep)}: each must be one of {','.join(names)}, in that order")
+      return _annotate(args, annotation_rows(args.input, model.tokenizer, data_cfg), scorer, names, keep)
+    rows = tokenize_rows(args.input, model.tokenizer, data_cfg, template, args.rewardbench)
   except (ValueError, DataError, TokenizerError, CheckpointError, FileNotFoundError) as e:
     print(f"jalign.score: error: {e}", file=sys.stderr)
     return 2
@@ -231,6 +312,20 @@ def main(argv=None) -> int:
     if args.report:
       with open(args.report, "w") as f:
         json.dump(rep, f, indent=2)
+  return 0
+
+
+def _annotate(args, rows, scorer, names, keep) -> int:
+  from tqdm import tqdm
+  examples = [ex for _, replies in rows for _, ex in replies]
+  with tqdm(total=len(examples), desc="annotate", file=sys.stderr, disable=None) as bar:
+    scores = scorer(examples, bar)
+  output = args.output or os.path.splitext(args.input)[0] + ".annotated.jsonl"
+  with open(output + ".tmp", "w") as f:
+    for obj in annotate(rows, scores, names, keep):
+      f.write(json.dumps(obj) + "\n")
+  os.replace(output + ".tmp", output)
+  print(f"annotated {len(examples)} replies in {len(rows)} rows with {','.join(keep)} -> {output}")
   return 0
 
 

@@ -12,6 +12,10 @@ requests (bad JSON, wrong types, unknown fields, out-of-range values, prompts ov
 ``max_tokens`` over ``--max-new-tokens``), 401 for a missing or wrong API key, 404 for an unknown model or route,
 413 for bodies over ``--max-body-bytes``; 503 when ``--slots`` + ``--max-queue`` sequences are already in flight.
 SIGTERM stops accepting connections, finishes the requests in flight, and exits 0.
+
+SteerLM: a chat request may carry ``attributes`` (``{"verbosity": 0}`` or ``"quality:4,verbosity:0"``; with the
+``openai`` client, ``extra_body={"attributes": ...}``): they are rendered as the reply's label after
+``<extra_id_2>``, as ``python -m jalign.generate --attributes`` does; bad attributes answer 400.
 """
 
 import argparse
@@ -298,6 +302,7 @@ def _models():
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    attributes: dict[str, int] | str | None = None  # SteerLM: the reply's desired attributes
 
   class Nemo(Body):
     sentences: list[str] = Field(min_length=1, max_length=NEMO_MAX_SENTENCES)
@@ -465,9 +470,9 @@ class Server:
       raise ApiError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
     msgs = [{"role": m.role, "content": _text(m.content)} for m in r.messages]
     try:
-      ids = self.prompts.ids({"prompt": msgs}, "messages", 0)
+      ids = self.prompts.ids({"prompt": msgs}, "messages", 0, r.attributes)
     except DataError as e:
-      raise ApiError(400, str(e), param="messages") from None
+      raise ApiError(400, str(e), param="attributes" if e.field == "attributes" else "messages") from None
     self._check_prompt(ids, "messages")
     sp = self._sampling(r, r.max_tokens or r.max_completion_tokens or self.args.max_new_tokens)
     stops, seed = self._stops(r.stop), self._seed(r.seed)

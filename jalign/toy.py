@@ -33,10 +33,40 @@ def grade(question: str, response: str) -> bool:
   return response.strip() == answer(question)
 
 
-def nemo_chat_row(question: str, response: str) -> dict:
-  return {"system": "", "mask": "User", "type": None,
+def worked(question: str, answer_text: str) -> str:
+  """An answer with its working shown, the toy's verbose reply: "8+17=25", "hbg reversed is gbh"."""
+  if question.startswith("What is "):
+    return question[len("What is "):-1] + "=" + answer_text
+  return question[len("Reverse "):-1] + " reversed is " + answer_text
+
+
+def shows_working(response: str) -> bool:
+  return "=" in response or " reversed is " in response
+
+
+def final_answer(response: str) -> str:
+  """The answer a reply gives: what follows its working ("8+17=25" -> "25"), else the whole reply."""
+  r = response.strip()
+  for sep in ("=", " reversed is "):
+    if sep in r:
+      return r.rsplit(sep, 1)[1].strip()
+  return r
+
+
+def nemo_chat_row(question: str, response: str, label: str | None = None) -> dict:
+  """A NeMo chat row; with ``label`` (SteerLM attributes), ``type: VALUE_TO_TEXT`` and the reply labelled."""
+  return {"system": "", "mask": "User", "type": None if label is None else "VALUE_TO_TEXT",
           "conversations": [{"from": "User", "value": question, "label": None},
-                            {"from": "Assistant", "value": response, "label": None}]}
+                            {"from": "Assistant", "value": response, "label": label}]}
+
+
+STEER_ATTRIBUTES = ("correctness", "verbosity")
+
+
+def steer_label(question: str, response: str) -> str:
+  """The SteerLM label of a reply: its exact toy attributes."""
+  a = attributes(question, response)
+  return ",".join(f"{k}:{a[k]}" for k in STEER_ATTRIBUTES)
 
 
 def wrong_answer(question: str, rng: random.Random) -> str:
@@ -56,15 +86,15 @@ def wrong_answer(question: str, rng: random.Random) -> str:
 
 
 def attributes(question: str, response: str) -> dict:
-  """Exact toy attributes on NeMo's 0-4 scale: correctness (4 right; partial credit for near misses),
-  helpfulness (= correctness) and verbosity (response length)."""
-  right = answer(question)
-  if response.strip() == right:
+  """Exact toy attributes on NeMo's 0-4 scale: correctness of the final answer (4 right; partial credit for near
+  misses), helpfulness (= correctness) and verbosity (response length: a shown working is 4)."""
+  right, given = answer(question), final_answer(response)
+  if given == right:
     correct = 4
-  elif question.startswith("What is ") and response.strip().isdigit():
-    correct = max(0, 3 - abs(int(response.strip()) - int(right)))
+  elif question.startswith("What is ") and given.isdigit():
+    correct = max(0, 3 - abs(int(given) - int(right)))
   else:
-    correct = sum(a == b for a, b in zip(response.strip(), right)) * 2 // max(len(right), 1)
+    correct = sum(a == b for a, b in zip(given, right)) * 2 // max(len(right), 1)
   return {"helpfulness": correct, "correctness": correct, "verbosity": min(4, len(response.strip()) - 1)}
 
 

@@ -200,11 +200,14 @@ def build_state(r: Run):
     r.critic_cfg = build.critic_config(cfg)
   if r.critic_cfg is not None:
     axes = {**axes, "critic": param_axes(r.critic_cfg)}
+  r.teacher_cfg = getattr(r.algo, "teacher_config", lambda _: None)(cfg)  # KD's online teacher, frozen
+  if r.teacher_cfg is not None:
+    axes = {**axes, "teacher": param_axes(r.teacher_cfg)}
   r.optimizer, r.schedule = trainer.make_optimizer(cfg.optim, cfg.train.max_steps, cfg.train.grad_clip,
                                                    critic_lr=cfg.ppo.critic_lr if r.critic_cfg else None,
                                                    keys=trainable_keys + ["critic"])
 
-  def init_state(rng, base=None, ref_base=None, critic=None):
+  def init_state(rng, base=None, ref_base=None, critic=None, teacher=None):
     p_rng, s_rng, c_rng = jax.random.split(rng, 3)
     params = init_params(model_cfg, p_rng)
     if base is not None:
@@ -215,10 +218,13 @@ def build_state(r: Run):
       fr["reference"] = jax.tree.map(jnp.copy, {k: params[k] for k in r.base_keys} if ref_base is None else ref_base)
     if r.critic_cfg is not None:
       tr["critic"] = init_params(r.critic_cfg, c_rng) if critic is None else critic
+    if teacher is not None:
+      fr["teacher"] = teacher
     return {"step": jnp.zeros((), jnp.int32), "params": tr, "frozen": fr, "opt_state": r.optimizer.init(tr),
             "rng": s_rng}
 
-  r.abstract = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+  r.abstract = jax.eval_shape(init_state, jax.random.PRNGKey(0),
+                              teacher=None if r.teacher_cfg is None else param_shapes(r.teacher_cfg))
   r.state_sh = trainer.state_shardings(r.abstract, axes, r.mesh, r.rules, r.optimizer)
   r.param_sh = {**r.state_sh["frozen"], **r.state_sh["params"]}
   rng = jax.random.PRNGKey(cfg.seed)
@@ -237,13 +243,18 @@ def build_state(r: Run):
     ref = None
     if cfg.model.reference_checkpoint and r.ref_mode == "copy":
       ref = checkpoint.load_params(cfg.model.reference_checkpoint, r.base_abs, optional=("value_head", "lm_head"))
+    teacher = None
+    if r.teacher_cfg is not None:
+      teacher = checkpoint.load_params(cfg.kd.teacher_checkpoint, trainer.abstract_with_shardings(
+          param_shapes(r.teacher_cfg), r.param_sh["teacher"]))
     if frozen_only:
-      return jax.jit(lambda *a: init_state(*a)["frozen"], out_shardings=r.state_sh["frozen"])(rng, base, ref)
+      return jax.jit(lambda *a: init_state(*a)["frozen"], out_shardings=r.state_sh["frozen"])(rng, base, ref, None,
+                                                                                             teacher)
     critic = None
     if r.critic_cfg is not None:
       from jalign.rl import build
       critic = build.load_critic(cfg, r.critic_cfg, r.state_sh["params"]["critic"])
-    r._initial = jax.jit(init_state, out_shardings=r.state_sh)(rng, base, ref, critic)
+    r._initial = jax.jit(init_state, out_shardings=r.state_sh)(rng, base, ref, critic, teacher)
     return r._initial
 
   r.initial_state = initial_state
@@ -276,6 +287,9 @@ def build_source(r: Run):
   if r.rl:
     from jalign.rl import build
     return build.source_and_eval(r)
+  if r.cfg.algorithm == "spin":
+    from jalign.rl import spin_source
+    return spin_source.source_and_eval(r)
   it = data.train_dataset(r.rows, global_batch=r.gb, seed=r.cfg.seed, shuffle=r.cfg.data.shuffle,
                           process_index=r.pid, process_count=r.nproc)
   eval_fn = functools.partial(offline_eval, r) if r.eval_rows is not None else None
@@ -436,10 +450,14 @@ def file_digest(path: str) -> str:
   return h.hexdigest()[:32]
 
 
-def main(argv=None) -> int:
+def setup_logging():
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv=None) -> int:
+  setup_logging()
   argv = sys.argv[1:] if argv is None else argv
   from jalign.checkpoint import CheckpointError
   from jalign.data import DataError, TokenizerError

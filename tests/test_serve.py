@@ -191,6 +191,25 @@ def test_32_concurrent_requests(client):
   assert answers == [sequential[q] for q in jobs], elapsed
 
 
+def test_chat_attributes_render_the_steerlm_label(client, server, ref):
+  """SteerLM: desired attributes (openai's extra_body) go after <extra_id_2> in the prompt, in HelpSteer2's
+  order; bad ones answer 400 naming the attributes."""
+  m, ids, stops = ref
+  q = QUESTIONS[0]
+  prompt = ids(q) + m.tokenizer.encode("<extra_id_2>correctness:4,verbosity:4\n")
+  got = _chat(client, q, extra_body={"attributes": {"verbosity": 4, "correctness": 4}})
+  assert got.usage.prompt_tokens == len(prompt)
+  want = m.generate([prompt], max_new_tokens=16, stop_ids=stops)[0]
+  text = m.tokenizer.decode(want[:-1] if want[-1] in stops else want)
+  assert got.choices[0].message.content == (text[:-1] if text.endswith("\n") else text)
+  same = _chat(client, q, extra_body={"attributes": "correctness:4,verbosity:4"})
+  assert same.choices[0].message.content == got.choices[0].message.content
+  for bad in ("verbosity:9", {"verbosity": "high"}, "verbosity"):
+    r = requests.post(server + "/v1/chat/completions", headers=AUTH, timeout=30,
+                      json={"messages": [{"role": "user", "content": q}], "attributes": bad})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("attributes"), r.text
+
+
 def test_malformed_requests_get_4xx_json(server):
   post = lambda path, **kw: requests.post(server + path, headers={**AUTH, **kw.pop("headers", {})}, timeout=30, **kw)
   msg = [{"role": "user", "content": "hi"}]

@@ -2,15 +2,16 @@
 
 Each module offers ``batch_axes(cfg)``, ``load_data(path, tokenizer, cfg) -> (rows, n_rows, n_skipped,
 sample_examples)`` and ``make_loss(cfg, model_cfg) -> loss_fn(params, batch, rng) -> (loss_sum, weight,
-metric_sums)``; optionally ``finalize(metrics)``, ``model_overrides(cfg)`` and ``FROZEN`` (param keys not trained).
+metric_sums)``; optionally ``finalize(metrics)``, ``model_overrides(cfg)``, ``FROZEN`` (param keys not trained)
+and ``teacher_config(cfg)`` (the ModelConfig of a frozen second model in ``params["teacher"]``, or None: KD online).
 Online RL algorithms (``RL``) offer ``batch_axes``, ``make_loss`` and ``finalize`` the same way, plus
 ``needs_reference(cfg)`` and ``prepare(rollout, cfg, ctl) -> (training rows, rollout metrics)`` (advantages,
 selections) instead of ``load_data``: the experience source in ``jalign.rl`` calls it once per rollout.
 """
-from jalign.algorithms import dpo, grpo, kto, online_dpo, ppo, rloo, rm, rs, sft
+from jalign.algorithms import dpo, grpo, kd, kto, online_dpo, ppo, rloo, rm, rs, sft, spin, steerlm2
 
 REGISTRY = {"sft": sft, "rm": rm, "dpo": dpo, "kto": kto, "ppo": ppo, "grpo": grpo, "rloo": rloo, "rs": rs,
-            "online_dpo": online_dpo}
+            "online_dpo": online_dpo, "spin": spin, "steerlm2": steerlm2, "kd": kd}
 RL = ("ppo", "grpo", "rloo", "rs", "online_dpo")  # fed by an experience source (jalign.rl)
 
 

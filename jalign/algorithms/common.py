@@ -52,8 +52,8 @@ def reference_mode(cfg) -> str:
 
 
 def policy_params(params):
-  """The policy's own params: no reference copy, no PPO critic."""
-  return {k: v for k, v in params.items() if k not in ("reference", "critic")}
+  """The policy's own params: no reference copy, no PPO critic, no KD teacher."""
+  return {k: v for k, v in params.items() if k not in ("reference", "critic", "teacher")}
 
 
 def reference_logps(params, batch, model_cfg, mode):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jalign.data import templates
+from jalign.data import attributes, templates
 from jalign.data.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -222,6 +222,11 @@ class SegmentBuilder:
       label = t.get("label")
       if label is not None and not isinstance(label, str):
         raise DataError(path, line, f + ".label", f"expected a string or null, got {type(label).__name__}")
+      if label is not None and label_type == "VALUE_TO_TEXT":  # a SteerLM attribute string
+        try:
+          attributes.parse(label)
+        except attributes.AttributeStringError as e:
+          raise DataError(path, line, f + ".label", str(e)) from None
       turns.append((role, value, label))
     for m in mask.split(","):
       if m not in {r for r, _, _ in turns}:

@@ -54,7 +54,7 @@ def nemo_chat_segments(system: str, turns: list[tuple[str, str, str | None]], ma
     name = f"{t.turn_start}{role}{t.end_of_name}"
     rest = f"{value}{t.end_of_turn}"
     if label is not None and label_type == "VALUE_TO_TEXT":
-      rest = f"{t.label_start}{label}{t.end_of_name}{rest}"
+      rest = label_text(label, t) + rest
       cut = rest.index(t.end_of_name) + len(t.end_of_name)
       name, rest = name + rest[:cut], rest[cut:]
     if i == 0 or (role in masked and i == 1):
@@ -69,13 +69,19 @@ def nemo_chat_segments(system: str, turns: list[tuple[str, str, str | None]], ma
 
 
 def nemo_generation_prompt(system: str, turns: list[tuple[str, str]], assistant_role="Assistant",
-                           tokens: ChatTokens = DEFAULT_TOKENS) -> str:
-  """The prompt string that asks the model for the next assistant reply."""
+                           tokens: ChatTokens = DEFAULT_TOKENS, label: str | None = None) -> str:
+  """The prompt string that asks the model for the next assistant reply; with ``label`` (SteerLM attributes), the
+  reply's label as ``VALUE_TO_TEXT`` training renders it: ``label_start``, the label, ``end_of_name``."""
   t = tokens
   text = f"{t.system_turn_start}System{t.end_of_name}{system}{t.end_of_turn}"
   for role, value in turns:
     text += f"{t.turn_start}{role}{t.end_of_name}{value}{t.end_of_turn}"
-  return text + f"{t.turn_start}{assistant_role}{t.end_of_name}"
+  text += f"{t.turn_start}{assistant_role}{t.end_of_name}"
+  return text if label is None else text + label_text(label, t)
+
+
+def label_text(label: str, tokens: ChatTokens = DEFAULT_TOKENS) -> str:
+  return f"{tokens.label_start}{label}{tokens.end_of_name}"
 
 
 def nemo_prompt_pieces(template: str, values: dict[str, str], space_sensitive: bool) -> Pieces:
