@@ -13,6 +13,7 @@ that the DPO and RM quickstarts start from. Seeded: the data and tokenizer are i
   python examples/make_default.py --only preference   # just the preference (and SteerLM) files
   python examples/make_default.py --only steerlm      # just the SteerLM files
   python examples/make_default.py --only rm_model     # just examples/tiny_rm_model (the RM quickstart's result)
+  python examples/make_default.py --only steerlm_model  # just examples/tiny_steerlm_model (SteerLM's result)
 """
 from __future__ import annotations
 
@@ -178,6 +179,12 @@ def make_rm_model():
   keep_quickstart_model("configs/rm_quickstart.py", "tiny_rm_model", with_run_config=True)
 
 
+def make_steerlm_model():
+  """The SteerLM quickstart's model with its run's config.json: examples/tiny_steerlm_model, Q'(y|a,x) of the
+  SteerLM 2.0 quickstart."""
+  keep_quickstart_model("configs/steerlm_quickstart.py", "tiny_steerlm_model", with_run_config=True)
+
+
 if __name__ == "__main__":
   only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
   train_qs, eval_qs = make_data()
@@ -191,4 +198,6 @@ if __name__ == "__main__":
     make_sft_model()
   if only in (None, "rm_model"):
     make_rm_model()
+  if only in (None, "steerlm_model"):
+    make_steerlm_model()
   print("wrote", DATA, "and", MODEL)

@@ -158,14 +158,14 @@ def tokenize_rows(path, tok, data_cfg, chat_template, rewardbench=False):
   return out
 
 
-def attribute_names(args, model) -> tuple[str, ...]:
-  """Names of the reward head's outputs: --attribute-names, else the RM run's ``rm.attribute_names``, else
-  HelpSteer2's nine for a nine-output head."""
+def attribute_names(checkpoint, model, override=None) -> tuple[str, ...]:
+  """Names of the reward head's outputs: ``override``, else the RM run's ``rm.attribute_names``, else HelpSteer2's
+  nine for a nine-output head."""
   from jalign.data import attributes
   n = model.config.num_value_heads
-  names = args.attribute_names.split(",") if args.attribute_names else None
+  names = list(override) if override else None
   if names is None:
-    run = _run_config(args.checkpoint) or {}
+    run = _run_config(checkpoint) or {}
     names = list(run.get("rm", {}).get("attribute_names", ())) or None
   if names is None and n == len(attributes.HELPSTEER2):
     names = list(attributes.HELPSTEER2)
@@ -269,7 +269,8 @@ def main(argv=None) -> int:
     if args.annotate:
       if weights is not None or reference is not None or args.rewardbench:
         raise ValueError("--annotate writes every attribute: drop --attribute-weights, --reference, --rewardbench")
-      names = attribute_names(args, model)
+      names = attribute_names(args.checkpoint, model,
+                              args.attribute_names.split(",") if args.attribute_names else None)
       keep = tuple(args.attributes.split(",")) if args.attributes else names
       if [k for k in names if k in keep] != list(keep):
         raise ValueError(f"--attributes {','.join(keep)}: each must be one of {','.join(names)}, in that order")

@@ -81,21 +81,23 @@ class FunctionAttributes:
 
 
 class RegressionAttributes:
-  """``rm:DIR``: a regression reward model's head, output k being attribute ``attribute_names[k]``, reading each
-  response as NeMo-Aligner's regression rows do (prompt, response, ``end_of_turn``, ``label_start``), tokenised
-  with the settings of the run that trained it."""
+  """``rm:DIR``: a regression reward model's head, its outputs named by the RM run's ``rm.attribute_names``, else
+  ``steerlm2.attribute_names``, reading each response as NeMo-Aligner's regression rows do (prompt, response,
+  ``end_of_turn``, ``label_start``), tokenised with the settings of the run that trained it."""
 
   def __init__(self, spec: str, names, batch_size: int):
     import jalign
     from jalign.data import preference, templates
-    from jalign.score import Scorer, data_settings
+    from jalign.score import Scorer, _run_config, data_settings
     path = spec[len("rm:"):]
     model = jalign.load(path)
     n = model.config.num_value_heads
     if not n or model.tokenizer is None:
       raise SteerLM2Error(f"steerlm2.attribute_model={spec}: not a reward model with a tokenizer")
+    names = tuple((_run_config(path) or {}).get("rm", {}).get("attribute_names", ())) or tuple(names)
     if n > len(names):
-      raise SteerLM2Error(f"steerlm2.attribute_model={spec}: {n} outputs but {len(names)} steerlm2.attribute_names")
+      raise SteerLM2Error(f"steerlm2.attribute_model={spec}: {n} outputs but {len(names)} attribute names "
+                          "(rm.attribute_names of its run, else steerlm2.attribute_names)")
     data_cfg, template = data_settings(argparse.Namespace(checkpoint=path, add_bos=None, add_eos=None,
                                                           max_seq_len=None, truncation="error", chat_template=None))
     data_cfg.max_seq_len = sys.maxsize

@@ -154,6 +154,35 @@ def test_attribute_logprob_matches_formula():
     driver.attribute_logprob({"quality": 4}, pred, 1.0)
 
 
+def test_regression_rm_attributes_match_a_direct_forward(tmp_path):
+  """``rm:DIR``: each response is read as the RM's regression rows (conversation, reply, end of turn,
+  <extra_id_2>) and its outputs are named by the RM run's rm.attribute_names."""
+  import jalign
+  from jalign import checkpoint
+  from jalign.algorithms import rm
+  from jalign.data import templates
+  CK = "examples/tiny_sft_model"
+  m = jalign.load(CK)
+  with open(os.path.join(CK, "model_config.json")) as f:
+    meta = json.load(f)
+  head = {"w": np.random.default_rng(1).normal(0, 1.0, (m.config.hidden_size, 2)).astype(np.float32),
+          "b": np.array([2.0, 1.0], np.float32)}
+  d = str(tmp_path / "rm")
+  checkpoint.save_model(d, dict(m.params, value_head=head), dict(meta, num_value_heads=2),
+                        tokenizer_files=[os.path.join(CK, "tokenizer.model")])
+  with open(os.path.join(tmp_path, "config.json"), "w") as f:  # the run that trained it names its outputs
+    json.dump({"data": {"add_bos": True}, "rm": {"attribute_names": ["correctness", "verbosity"]}}, f)
+  g = algo.Group("", [("User", "What is 1+2?")], "correctness:4", [
+      algo.Response("Assistant", r, 0.0, 0.0, 0.0) for r in ("3", "1+2=3")])
+  got = driver.RegressionAttributes("rm:" + d, ("unused",), 4)([g], templates.DEFAULT_TOKENS)[0]
+  for resp, pred in zip(("3", "1+2=3"), got):
+    text = f"<extra_id_0>System\n\n<extra_id_1>User\nWhat is 1+2?\n<extra_id_1>Assistant\n{resp}\n<extra_id_2>"
+    ids = jnp.asarray([[m.tokenizer.bos_id] + m.tokenizer.encode(text)], jnp.int32)
+    want = np.asarray(rm.last_token_values(m.params | {"value_head": head}, ids, jnp.ones_like(ids), m.config))[0]
+    assert sorted(pred) == ["correctness", "verbosity"]
+    np.testing.assert_allclose([pred["correctness"], pred["verbosity"]], want, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ generate -> train
 
 TINY = {"steerlm2.num_prompts": 4, "steerlm2.num_responses": 4, "steerlm2.max_new_tokens": 6,
