@@ -14,6 +14,7 @@ that the DPO and RM quickstarts start from. Seeded: the data and tokenizer are i
   python examples/make_default.py --only steerlm      # just the SteerLM files
   python examples/make_default.py --only rm_model     # just examples/tiny_rm_model (the RM quickstart's result)
   python examples/make_default.py --only steerlm_model  # just examples/tiny_steerlm_model (SteerLM's result)
+  python examples/make_default.py --only denoiser     # just examples/tiny_denoiser (configs/ddpm_tiny.py)
 """
 from __future__ import annotations
 
@@ -185,9 +186,18 @@ def make_steerlm_model():
   keep_quickstart_model("configs/steerlm_quickstart.py", "tiny_steerlm_model", with_run_config=True)
 
 
+def make_denoiser():
+  """The toy image task's base denoiser (configs/ddpm_tiny.py): examples/tiny_denoiser, DRaFT+'s starting point;
+  prints how often its DDIM samples match their prompts."""
+  keep_quickstart_model("configs/ddpm_tiny.py", "tiny_denoiser")
+  from jalign import diffusion
+  params, dcfg = diffusion.load(os.path.join(HERE, "tiny_denoiser"))
+  print("tiny_denoiser samples (50 DDIM steps, guidance 7.5):", diffusion.evaluate(params, dcfg, per_class=8)[0])
+
+
 if __name__ == "__main__":
   only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
-  train_qs, eval_qs = make_data()
+  train_qs, eval_qs = make_data() if only != "denoiser" else (None, None)
   if only in (None, "preference"):
     make_preference_data(train_qs, eval_qs)
   if only in (None, "preference", "steerlm"):
@@ -200,4 +210,6 @@ if __name__ == "__main__":
     make_rm_model()
   if only in (None, "steerlm_model"):
     make_steerlm_model()
+  if only in (None, "denoiser"):
+    make_denoiser()
   print("wrote", DATA, "and", MODEL)

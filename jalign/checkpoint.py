@@ -56,8 +56,12 @@ class Checkpointer:
     self.mngr.wait_until_finished()
 
   def close(self):
+    """Wait for pending saves and stop the manager's threads; a second call does nothing."""
+    if self.mngr is None:
+      return
     self.mngr.wait_until_finished()
     self.mngr.close()
+    self.mngr = None
 
 
 def flatten(params: dict, prefix="") -> list[tuple[str, object]]:

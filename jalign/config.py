@@ -145,6 +145,24 @@ def base_config() -> ml_collections.ConfigDict:
       unconditional_checkpoint="",  # P(y|x); default: model.checkpoint (iterate: the first iteration's)
       batch_size=16,  # prompts per generation batch and sequences per scoring forward
   ))
+  # Diffusion (algorithm=ddpm | draftp): the class-conditional DiT denoiser and its DDIM sampler (docs/diffusion.md).
+  # data.train_path / eval_path: "toy:N[:SEED]" (N toy images generated at load time) or an .npz (images, labels).
+  c.diffusion = ml_collections.ConfigDict(dict(
+      image_size=16, channels=3, num_classes=12, patch_size=2, width=64, depth=4, num_heads=4, mlp_ratio=4,
+      num_train_timesteps=1000,  # scaled-linear betas 0.00085..0.012 (Stable Diffusion, NeMo's DRaFT+)
+      lora_rank=0, lora_alpha=16.0, lora_targets=("q", "k", "v", "o"),
+      dtype="float32", param_dtype="float32",
+      steps=50, eta=0.0, guidance=7.5,  # DDIM sampler defaults (NeMo's DRaFT+)
+      class_dropout=0.1,  # ddpm: fraction of labels replaced by the null class (trains the unconditional eps)
+      checkpoint="",  # initialise the denoiser from a denoiser model dir or a finished run
+  ))
+  # DRaFT+ (algorithm=draftp; docs/draftp.md): NeMo-Aligner's model.kl_coeff, model.truncation_steps and the
+  # model.infer sampler it trains with (inference_steps, eta, unconditional_guidance_scale); data: prompts.
+  c.draftp = ml_collections.ConfigDict(dict(
+      kl_coeff=1.0, truncation_steps=1,
+      inference_steps=50, eta=0.0, unconditional_guidance_scale=7.5,
+      reward_model="toy",  # toy | colour | purity | size | scorer:DIR | clip:DIR | fn:package.module:function
+  ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=sharding.DEFAULT_RULES))
   c.checkpoint = ml_collections.ConfigDict(dict(
@@ -301,6 +319,9 @@ def validate(cfg):
   if cfg.algorithm == "kd":
     from jalign.algorithms import kd
     kd.check_config(cfg)
+  if cfg.algorithm == "draftp":
+    from jalign.algorithms import draftp
+    draftp.validate(cfg)
   if t.max_steps <= 0:
     raise ConfigError(f"train.max_steps must be > 0, got {t.max_steps}")
   if t.global_batch_size <= 0:

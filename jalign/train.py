@@ -92,16 +92,19 @@ class Run:
 def run(cfg, workdir: str, on_step=None) -> dict:
   """Train; returns a summary dict (with the final ``state``). ``on_step(step, metrics)`` is called each step."""
   r = setup(cfg, workdir)
-  load_data(r)
-  build_state(r)
-  build_steps(r)
-  source, eval_fn = build_source(r)
-  state = start_state(r, source)
-  return loop_and_finish(r, state, source, eval_fn, on_step)
+  try:
+    load_data(r)
+    build_state(r)
+    build_steps(r)
+    source, eval_fn = build_source(r)
+    state = start_state(r, source)
+    return loop_and_finish(r, state, source, eval_fn, on_step)
+  finally:  # also on a user's mistake: the checkpoint manager's threads must not outlive the run
+    r.ckpt.close()
 
 
 def setup(cfg, workdir) -> Run:
-  """Processes, checkpoint directory (and the resume check), algorithm, model config, tokenizer, mesh."""
+  """Processes, algorithm, model config, tokenizer, mesh, then the checkpoint directory (and the resume check)."""
   import jax
 
   from jalign import algorithms, checkpoint, data, sharding
@@ -109,31 +112,26 @@ def setup(cfg, workdir) -> Run:
   r = Run(cfg, workdir)
   r.pid, r.nproc = jax.process_index(), jax.process_count()
   r.main_proc = r.pid == 0
-  r.ckpt = checkpoint.Checkpointer(os.path.join(r.workdir, "checkpoints"), cfg.checkpoint.keep,
-                                   cfg.checkpoint.async_save)
-  r.start_step = r.ckpt.latest_step() or 0
-  r.data_digest = file_digest(cfg.data.train_path) if cfg.data.train_path else ""
-  r.resume_meta = r.ckpt.read_meta(r.start_step) if r.start_step else None
-  if r.start_step:
-    check_resume(r.resume_meta, cfg, r.data_digest, r.start_step)
-  if r.main_proc:
-    os.makedirs(r.workdir, exist_ok=True)
-    with open(os.path.join(r.workdir, "config.json"), "w") as f:
-      f.write(config_lib.to_json(cfg))
   r.algo = algorithms.get(cfg.algorithm)
   r.rl = cfg.algorithm in algorithms.RL
-  r.model_cfg = model_config_for(cfg)
-  if hasattr(r.algo, "model_overrides"):
-    r.model_cfg = dataclasses.replace(r.model_cfg, **r.algo.model_overrides(cfg))
-  tok_path = cfg.tokenizer.path or (checkpoint.resolve_model_dir(cfg.model.checkpoint) if cfg.model.checkpoint
-                                    else "")
-  r.tok = data.load_tokenizer(tok_path)
-  if cfg.tokenizer.chat_template == "hf" and not r.tok.chat_template:
-    raise config_lib.ConfigError(f"tokenizer.chat_template=hf but the tokenizer ({r.tok.path}) has no chat "
-                                 "template in tokenizer_config.json; use tokenizer.chat_template=nemo")
-  if r.tok.vocab_size > r.model_cfg.vocab_size:
-    raise config_lib.ConfigError(f"tokenizer has {r.tok.vocab_size} tokens but model.vocab_size="
-                                 f"{r.model_cfg.vocab_size}")
+  # an algorithm's own model family (jalign.algorithms: model_family), else the language model and its tokenizer
+  r.family = r.algo.model_family(cfg) if hasattr(r.algo, "model_family") else None
+  r.init_checkpoint = r.family.checkpoint if r.family else cfg.model.checkpoint
+  if r.family:
+    r.model_cfg, r.tok = r.family.config, None
+  else:
+    r.model_cfg = model_config_for(cfg)
+    if hasattr(r.algo, "model_overrides"):
+      r.model_cfg = dataclasses.replace(r.model_cfg, **r.algo.model_overrides(cfg))
+    tok_path = cfg.tokenizer.path or (checkpoint.resolve_model_dir(cfg.model.checkpoint) if cfg.model.checkpoint
+                                      else "")
+    r.tok = data.load_tokenizer(tok_path)
+    if cfg.tokenizer.chat_template == "hf" and not r.tok.chat_template:
+      raise config_lib.ConfigError(f"tokenizer.chat_template=hf but the tokenizer ({r.tok.path}) has no chat "
+                                   "template in tokenizer_config.json; use tokenizer.chat_template=nemo")
+    if r.tok.vocab_size > r.model_cfg.vocab_size:
+      raise config_lib.ConfigError(f"tokenizer has {r.tok.vocab_size} tokens but model.vocab_size="
+                                   f"{r.model_cfg.vocab_size}")
   try:
     r.mesh = sharding.make_mesh(cfg.mesh)
     r.rules = sharding.rules_from_config(cfg.mesh.rules)
@@ -147,6 +145,21 @@ def setup(cfg, workdir) -> Run:
                                  f"{mbs} x data-parallel size {dp}")
   r.n_micro = r.gb // (mbs * dp)
   r.ref_mode = reference_mode(cfg)
+  r.ckpt = checkpoint.Checkpointer(os.path.join(r.workdir, "checkpoints"), cfg.checkpoint.keep,
+                                   cfg.checkpoint.async_save)
+  try:
+    r.start_step = r.ckpt.latest_step() or 0
+    r.data_digest = file_digest(cfg.data.train_path) if cfg.data.train_path else ""
+    r.resume_meta = r.ckpt.read_meta(r.start_step) if r.start_step else None
+    if r.start_step:
+      check_resume(r.resume_meta, cfg, r.data_digest, r.start_step)
+  except BaseException:
+    r.ckpt.close()
+    raise
+  if r.main_proc:
+    os.makedirs(r.workdir, exist_ok=True)
+    with open(os.path.join(r.workdir, "config.json"), "w") as f:
+      f.write(config_lib.to_json(cfg))
   return r
 
 
@@ -173,8 +186,9 @@ def load_data(r: Run):
     r.skipped += eval_skipped
   r.row_shapes = {k: r.rows[k].shape[1:] for k in r.algo.batch_axes(cfg) if k != "ref_logps"}
   r.row_shapes.setdefault("ref_logps", (2,))
-  r.seq_len = int(np.prod(r.rows["tokens"].shape[1:]))
-  r.describe = (f"{n_train} train rows -> {len(r.rows['tokens'])} rows of {r.rows['tokens'].shape[1:]} | "
+  first = r.rows["tokens"] if "tokens" in r.rows else next(iter(r.rows.values()))
+  r.seq_len = getattr(r.family, "seq_len", 0) or int(np.prod(first.shape[1:]))
+  r.describe = (f"{n_train} train rows -> {len(first)} rows of {first.shape[1:]} | "
                 f"{n_eval} eval rows | skipped {r.skipped} invalid")
 
 
@@ -185,6 +199,8 @@ def build_state(r: Run):
 
   from jalign import checkpoint, sharding, trainer
   from jalign.models import init_params, lora, param_axes, param_shapes
+  if r.family:
+    init_params, param_axes, param_shapes = r.family.init_params, r.family.param_axes, r.family.param_shapes
   cfg, model_cfg = r.cfg, r.model_cfg
   r.batch_sh = {k: sharding.named_sharding(ax, r.rules, r.mesh, (r.gb,) + tuple(r.row_shapes[k]))
                 for k, ax in r.algo.batch_axes(cfg).items()}
@@ -238,8 +254,8 @@ def build_state(r: Run):
       return r._initial
     copies_start = r.ref_mode == "copy" and not cfg.model.reference_checkpoint  # the reference is the start
     keys = [k for k in r.base_keys if k in r.abstract["frozen"] or copies_start] if frozen_only else r.base_keys
-    base = (checkpoint.load_params(cfg.model.checkpoint, {k: r.base_abs[k] for k in keys})
-            if cfg.model.checkpoint and keys else None)
+    base = (checkpoint.load_params(r.init_checkpoint, {k: r.base_abs[k] for k in keys})
+            if r.init_checkpoint and keys else None)
     ref = None
     if cfg.model.reference_checkpoint and r.ref_mode == "copy":
       ref = checkpoint.load_params(cfg.model.reference_checkpoint, r.base_abs, optional=("value_head", "lm_head"))
@@ -301,7 +317,8 @@ def offline_eval(r: Run, st) -> dict:
 
   from jalign import data, trainer
   tot_w, tot = 0.0, {}
-  for b in data.eval_batches(r.eval_rows, global_batch=r.gb, pad_id=r.tok.pad_id, process_index=r.pid,
+  pad = r.tok.pad_id if r.tok else 0
+  for b in data.eval_batches(r.eval_rows, global_batch=r.gb, pad_id=pad, process_index=r.pid,
                              process_count=r.nproc, max_batches=r.cfg.eval.max_batches):
     w, m = jax.device_get(r.eval_step(st["params"], st["frozen"], trainer.to_global(b, r.batch_sh)))
     tot_w += float(w)
@@ -357,7 +374,7 @@ def loop_and_finish(r: Run, state, source, eval_fn, on_step) -> dict:
     writer.write(0, ev)
     progress.message("step 0: " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
     summary["initial_eval"] = ev
-  if r.start_step == 0 and not r.rl:
+  if r.start_step == 0 and not r.rl and r.tok is not None:
     summary["samples_before"] = show_samples("before training", r.policy(state), r.model_cfg, r.tok, r.eval_ex,
                                              cfg, progress)
   peak = peak_flops_per_device(cfg, jax.devices()[0]) * jax.device_count()
@@ -368,19 +385,23 @@ def loop_and_finish(r: Run, state, source, eval_fn, on_step) -> dict:
         state=state, train_step=r.train_step, eval_fn=eval_fn, source=source, batch_shardings=r.batch_sh,
         max_steps=cfg.train.max_steps, start_step=r.start_step, checkpointer=r.ckpt, ckpt_meta=r.ckpt_meta,
         ckpt_every=cfg.checkpoint.every_steps, eval_every=cfg.eval.every_steps, writer=writer, progress=progress,
-        global_batch=r.gb, seq_len=r.seq_len, flops_per_token=transformer.flops_per_token(r.model_cfg, r.seq_len),
+        global_batch=r.gb, seq_len=r.seq_len,
+        flops_per_token=getattr(r.family, "flops_per_token", transformer.flops_per_token)(r.model_cfg, r.seq_len),
         peak_flops=peak, on_step=on_step, prefix="train_optim/" if r.rl else "")
   progress.close()
   r.ckpt.close()
   summary.update(final_step=step, reason=reason, train_seconds=time.time() - t_start)
   if reason == "done":
-    if not r.rl:
+    if not r.rl and r.tok is not None:
       summary["samples_after"] = show_samples("after training", r.policy(state), r.model_cfg, r.tok, r.eval_ex,
                                               cfg, progress)
-    export_cfg = r.model_cfg.to_dict()
-    export_cfg.update(lora_rank=0)
-    checkpoint.save_model(os.path.join(r.workdir, "model"), lora.merge(r.policy(state), r.model_cfg), export_cfg,
-                          r.tok.files())
+    if r.family:
+      checkpoint.save_model(os.path.join(r.workdir, "model"), *r.family.export(r.policy(state)))
+    else:
+      export_cfg = r.model_cfg.to_dict()
+      export_cfg.update(lora_rank=0)
+      checkpoint.save_model(os.path.join(r.workdir, "model"), lora.merge(r.policy(state), r.model_cfg), export_cfg,
+                            r.tok.files())
   writer.close()
   if r.main_proc:
     with open(os.path.join(r.workdir, "summary.json"), "w") as f:

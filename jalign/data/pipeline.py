@@ -69,7 +69,7 @@ class _Rows:
 
   def __init__(self, rows):
     self.rows = rows
-    self.n = len(rows["tokens"])
+    self.n = len(next(iter(rows.values())))
 
   def __len__(self):
     return self.n
@@ -92,7 +92,7 @@ def train_dataset(rows: dict, *, global_batch: int, seed: int, shuffle: bool, pr
 def eval_batches(rows: dict, *, global_batch: int, pad_id: int, process_index: int, process_count: int,
                  max_batches: int = 0):
   """Deterministic eval batches; the last one is filled with empty rows (segment_ids and loss_mask zero)."""
-  n = len(rows["tokens"])
+  n = len(next(iter(rows.values())))
   n_batches = -(-n // global_batch)
   if max_batches:
     n_batches = min(n_batches, max_batches)
