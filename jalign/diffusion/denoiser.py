@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jalign import sharding
+from jalign.models import lora, transformer
 
 LORA_TARGETS = ("q", "k", "v", "o", "up", "down")
 # Leading "input" dims (after the layer axis) of each projection; the rest are output dims.
@@ -131,17 +132,12 @@ def param_specs(cfg: DenoiserConfig) -> dict:
   return specs
 
 
-def _is_spec(x):
-  return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple) and isinstance(x[1], tuple)
-
-
 def param_axes(cfg: DenoiserConfig) -> dict:
-  return jax.tree.map(lambda s: s[1], param_specs(cfg), is_leaf=_is_spec)
+  return transformer.axes_from_specs(param_specs(cfg))
 
 
 def param_shapes(cfg: DenoiserConfig) -> dict:
-  dt = jnp.dtype(cfg.param_dtype)
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s[0], dt), param_specs(cfg), is_leaf=_is_spec)
+  return transformer.shapes_from_specs(param_specs(cfg), cfg.param_dtype)
 
 
 _ZERO = ("ada", "ada_b", "final_ada", "final_ada_b", "out", "out_b")  # adaLN-zero and the zero output layer
@@ -151,7 +147,7 @@ _FAN_IN = {"q": 1, "k": 1, "v": 1, "o": 2, "up": 1, "down": 1}  # leading dims a
 def init_params(cfg: DenoiserConfig, rng) -> dict:
   """Random init: LeCun normal for projections, normal(0.02) for the class embedding, zeros for biases, the
   adaLN modulations, the output layer and LoRA ``b``."""
-  flat, treedef = jax.tree.flatten_with_path(param_specs(cfg), is_leaf=_is_spec)
+  flat, treedef = jax.tree.flatten_with_path(param_specs(cfg), is_leaf=transformer.is_spec)
   keys = jax.random.split(rng, len(flat))
   dt = jnp.dtype(cfg.param_dtype)
   out = []
@@ -176,23 +172,13 @@ def init_params(cfg: DenoiserConfig, rng) -> dict:
 
 def lora_off(params: dict) -> dict:
   """The base model: the same arrays without the adapters (no copy)."""
-  return {k: v for k, v in params.items() if k != "lora"}
+  return lora.disabled(params)
 
 
 def merge_lora(params: dict, cfg: DenoiserConfig) -> dict:
-  """Base weights with ``alpha/rank * A @ B`` folded in, adapters removed (what a finished run exports)."""
-  if "lora" not in params:
-    return params
-  out = lora_off(params)
-  layers = dict(out["layers"])
-  for name, ab in params["lora"].items():
-    a, b = ab["a"].astype(jnp.float32), ab["b"].astype(jnp.float32)
-    ins = "hd"[:_IN_DIMS[name]] if _IN_DIMS[name] == 2 else "x"
-    outs = "yz"[:b.ndim - 2]
-    delta = jnp.einsum(f"l{ins}r,lr{outs}->l{ins}{outs}", a, b) * (cfg.lora_alpha / cfg.lora_rank)
-    layers[name] = (layers[name].astype(jnp.float32) + delta).astype(layers[name].dtype)
-  out["layers"] = layers
-  return out
+  """Base weights with ``alpha/rank * A @ B`` folded in, adapters removed (what a finished run exports); the
+  language model's merge, whose projection names and input dims the denoiser shares."""
+  return lora.merge(params, cfg)
 
 
 # ------------------------------------------------------------------------------------------------- forward

@@ -141,24 +141,33 @@ def param_specs(cfg: ModelConfig) -> dict:
   return specs
 
 
-def _is_spec(x):
+def is_spec(x):  # a (shape, axes) leaf of a spec tree
   return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple) and isinstance(x[1], tuple)
 
 
+def axes_from_specs(specs) -> dict:
+  """Logical axis names from a tree of (shape, axes) specs (this model's, or the denoiser's)."""
+  return jax.tree.map(lambda s: s[1], specs, is_leaf=is_spec)
+
+
+def shapes_from_specs(specs, param_dtype) -> dict:
+  dt = jnp.dtype(param_dtype)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s[0], dt), specs, is_leaf=is_spec)
+
+
 def param_axes(cfg: ModelConfig) -> dict:
-  return jax.tree.map(lambda s: s[1], param_specs(cfg), is_leaf=_is_spec)
+  return axes_from_specs(param_specs(cfg))
 
 
 def param_shapes(cfg: ModelConfig) -> dict:
-  dt = jnp.dtype(cfg.param_dtype)
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s[0], dt), param_specs(cfg), is_leaf=_is_spec)
+  return shapes_from_specs(param_specs(cfg), cfg.param_dtype)
 
 
 def init_params(cfg: ModelConfig, rng) -> dict:
   """Random init: normal(0.02) for matrices (scaled for output projections), ones for norms, zeros for biases
   and for LoRA ``b`` (so a fresh adapter is an exact no-op)."""
   specs = param_specs(cfg)
-  flat, treedef = jax.tree.flatten_with_path(specs, is_leaf=_is_spec)
+  flat, treedef = jax.tree.flatten_with_path(specs, is_leaf=is_spec)
   keys = jax.random.split(rng, len(flat))
   dt = jnp.dtype(cfg.param_dtype)
   out = []
