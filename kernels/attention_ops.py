@@ -3,6 +3,8 @@
 Shapes: q_BTHD [batch, q_len, q_heads, head_dim], k_BSKD / v_BSKD [batch, kv_len, kv_heads, head_dim];
 q_heads is a multiple of kv_heads (GQA/MQA). Masking is expressed with segment ids and positions, so the same
 function covers causal training, packed sequences (attention never crosses segments) and sliding windows.
+Branch ids express a shared prompt computed once for several continuations in one row (``[prompt, chosen,
+rejected]``): a token sees a key only if the key's branch is 0 (the shared prompt) or its own branch.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ IMPLEMENTATIONS = ("xla",)
 
 def attention_reference(q_BTHD, k_BSKD, v_BSKD, *, q_segment_ids_BT=None, kv_segment_ids_BS=None,
                         q_positions_BT=None, kv_positions_BS=None, causal=True, sliding_window=0, scale=None,
-                        kv_heads_first=False):
+                        kv_heads_first=False, q_branch_ids_BT=None, kv_branch_ids_BS=None):
   """Reference attention; softmax in float32, output in q's dtype. ``kv_heads_first``: k and v come as
   [batch, kv_heads, kv_len, head_dim] (the KV cache's layout), which the matmuls use without a transposed copy."""
   if kv_heads_first:
@@ -38,6 +40,9 @@ def attention_reference(q_BTHD, k_BSKD, v_BSKD, *, q_segment_ids_BT=None, kv_seg
   if q_segment_ids_BT is not None:
     kv_seg = q_segment_ids_BT if kv_segment_ids_BS is None else kv_segment_ids_BS
     mask_BTS &= q_segment_ids_BT[:, :, None] == kv_seg[:, None, :]
+  if q_branch_ids_BT is not None:
+    kv_br = q_branch_ids_BT if kv_branch_ids_BS is None else kv_branch_ids_BS
+    mask_BTS &= (kv_br[:, None, :] == 0) | (kv_br[:, None, :] == q_branch_ids_BT[:, :, None])
   delta_BTS = q_positions_BT[:, :, None] - kv_positions_BS[:, None, :]
   if causal:
     mask_BTS &= delta_BTS >= 0

@@ -280,7 +280,8 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
   return {n: sharding.constrain(jnp.zeros(shape, cfg.dtype), CACHE_AXES) for n in ("k", "v")}
 
 
-def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids_BT, drop_key, kv=None):
+def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids_BT, drop_key, kv=None,
+           branch_ids_BT=None):
   """One layer. ``kv = (cache, layer_index)``: write this layer's keys/values at slots ``positions_BT`` of the
   cache and attend over all of its slots (the causal mask on positions hides the slots not yet written);
   returns (x, cache) then."""
@@ -304,7 +305,8 @@ def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids
     kv_positions_BS = jnp.broadcast_to(jnp.arange(k.shape[2], dtype=jnp.int32), (B, k.shape[2]))
   attn = kernels.attention(q, k, v, implementation=cfg.attention, q_segment_ids_BT=segment_ids_BT,
                            q_positions_BT=positions_BT, kv_positions_BS=kv_positions_BS, causal=True,
-                           sliding_window=cfg.sliding_window, kv_heads_first=kv is not None)
+                           sliding_window=cfg.sliding_window, kv_heads_first=kv is not None,
+                           q_branch_ids_BT=branch_ids_BT)
   (o,) = _proj(("o",), attn, layer, lora, cfg, dt, drop_key)
   x_BTD = sharding.constrain(x_BTD + o, ("batch", "length", "act_embed"))
   h = rms_norm(x_BTD, layer["mlp_norm"], cfg.rms_norm_eps, cfg.norm_offset)
@@ -341,8 +343,9 @@ def cached_hidden_states(params, tokens_BT, cfg: ModelConfig, cache, start_B):
 
 
 def hidden_states(params, tokens_BT, cfg: ModelConfig, *, positions_BT=None, segment_ids_BT=None,
-                  dropout_rng=None):
-  """Final-norm hidden states [B, T, D] in the compute dtype. LoRA applies when ``params`` holds ``lora``."""
+                  dropout_rng=None, branch_ids_BT=None):
+  """Final-norm hidden states [B, T, D] in the compute dtype. LoRA applies when ``params`` holds ``lora``.
+  ``branch_ids_BT``: continuations sharing a prompt in one row (see ``kernels.attention_reference``)."""
   B, T = tokens_BT.shape
   dt = jnp.dtype(cfg.dtype)
   if positions_BT is None:
@@ -357,7 +360,7 @@ def hidden_states(params, tokens_BT, cfg: ModelConfig, *, positions_BT=None, seg
   def body(x, xs):
     layer, lora_l, i = xs
     key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-    return _block(cfg, rope, x, layer, lora_l, positions_BT, segment_ids_BT, key), None
+    return _block(cfg, rope, x, layer, lora_l, positions_BT, segment_ids_BT, key, branch_ids_BT=branch_ids_BT), None
 
   if cfg.remat == "full":
     body = jax.checkpoint(body)
