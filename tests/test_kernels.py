@@ -11,7 +11,7 @@ import pytest
 from jalign import kernels
 
 
-def naive_attention(q, k, v, seg, pos, window):
+def naive_attention(q, k, v, seg, pos, window, branch=None):
   """Per-(batch, head, query) loops in numpy: the independent reference."""
   B, T, H, D = q.shape
   K = k.shape[2]
@@ -23,6 +23,8 @@ def naive_attention(q, k, v, seg, pos, window):
         ok = (seg[b] == seg[b, t]) & (pos[b] <= pos[b, t])
         if window:
           ok &= pos[b, t] - pos[b] < window
+        if branch is not None:
+          ok &= (branch[b] == 0) | (branch[b] == branch[b, t])
         s = (k[b, :, kh] @ q[b, t, h]) / np.sqrt(D)
         s = np.where(ok, s, -np.inf)
         p = np.exp(s - s.max())
@@ -46,6 +48,21 @@ def test_attention_reference_against_loops(H, K, window):
                                   q_positions_BT=jnp.asarray(pos), kv_positions_BS=jnp.asarray(pos),
                                   sliding_window=window, kv_heads_first=True)
   np.testing.assert_allclose(np.asarray(heads_first), naive_attention(q, k, v, seg, pos, window), atol=1e-5)
+
+
+def test_branch_ids_hide_sibling_continuations():
+  """One row [prompt, chosen, rejected]: each continuation sees the prompt (branch 0) and itself only; the second
+  pair of the row (segment 2) sees nothing of the first."""
+  rng = np.random.RandomState(2)
+  B, T, H, K, D = 1, 12, 4, 2, 8
+  q, k, v = (rng.randn(B, T, n, D).astype(np.float32) for n in (H, K, K))
+  seg = np.array([[1] * 8 + [2] * 4])
+  branch = np.array([[0, 0, 0, 1, 1, 2, 2, 2, 0, 1, 2, 2]])
+  pos = np.array([[0, 1, 2, 3, 4, 3, 4, 5, 0, 1, 1, 2]])
+  got = kernels.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), q_segment_ids_BT=jnp.asarray(seg),
+                          q_positions_BT=jnp.asarray(pos), kv_positions_BS=jnp.asarray(pos),
+                          q_branch_ids_BT=jnp.asarray(branch))
+  np.testing.assert_allclose(np.asarray(got), naive_attention(q, k, v, seg, pos, 0, branch), atol=1e-5)
 
 
 def test_attention_grads_finite_differences():
