@@ -33,7 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
       tie_embeddings=False, sliding_window=0, activation="silu", norm_offset=0.0, scale_embeddings=False,
       param_dtype="float32", dtype="float32", remat="none", scan_unroll=1,
       attention="xla", num_value_heads=0,
-      logprob_chunk=0,  # DPO/KTO log-probs C positions at a time (large vocabularies: bounds the logits memory)
+      logprob_chunk=0,  # log-probs C positions at a time (large vocabularies: bounds the logits memory)
+      logprob_impl="xla",  # xla | chunked | pallas (fused kernel)
+      sampling_impl="xla",  # the sampler's token choice: xla | pallas (fused kernel)
       checkpoint="",  # initialise weights from a jalign model dir or a run's checkpoint dir
       reference_checkpoint="",  # DPO/KTO reference weights (reference=copy|precomputed); default: the start
   ))
@@ -49,7 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
       max_seq_len=512,
       truncation="error",   # error | right | left: what to do with a prompt longer than the maximum
       answer_only_loss=True,
-      packing=False,
+      packing=False,  # SFT: rows of max_seq_len; rm/dpo/kto: pairs in rows of 2 x max_seq_len (regression rm: 1 x)
+      shared_prompt=False,  # rm pairs/dpo/kto: a pair's common prompt computed once (branch attention)
       skip_invalid=False,   # skip (and count) bad rows instead of stopping
       add_bos=False,
       add_eos=True,  # EOS after SFT string rows (input/output, prompt/completion, text), as NeMo's SFT and TRL
@@ -316,6 +319,7 @@ def validate(cfg):
     _validate_rl(cfg)
   else:
     _validate_preference(cfg)
+  _validate_pair_layout(cfg)
   if cfg.algorithm == "kd":
     from jalign.algorithms import kd
     kd.check_config(cfg)
@@ -354,8 +358,9 @@ def _validate_preference(cfg):
   if cfg.algorithm == "spin":
     from jalign.algorithms import spin
     spin.validate(cfg)
-  if cfg.data.packing:
-    raise ConfigError(f"data.packing is for SFT; algorithm={cfg.algorithm} pads each sequence")
+  if cfg.data.packing and cfg.algorithm not in PACKED_ALGORITHMS:
+    raise ConfigError(f"data.packing is for {', '.join(('sft',) + PACKED_ALGORITHMS)}; algorithm={cfg.algorithm} "
+                      "pads each sequence")
   if cfg.reference not in common.REFERENCE_MODES:
     raise ConfigError(f"reference={cfg.reference!r}: choose from {', '.join(common.REFERENCE_MODES)}")
   if cfg.reference == "lora_off" and not cfg.model.lora.rank:
@@ -377,6 +382,22 @@ def _validate_preference(cfg):
     if r.attribute_names and len(r.attribute_names) != r.num_attributes:
       raise ConfigError(f"rm.attribute_names has {len(r.attribute_names)} names for rm.num_attributes="
                         f"{r.num_attributes}")
+
+
+PACKED_ALGORITHMS = ("rm", "dpo", "kto")  # besides sft
+
+
+def _validate_pair_layout(cfg):
+  """data.shared_prompt needs pairs; a NeMo-Aligner packed DPO file (.npy) holds preference pairs."""
+  a, d = cfg.algorithm, cfg.data
+  regression = a == "rm" and cfg.rm.loss == "regression"
+  if d.shared_prompt and (a not in PACKED_ALGORITHMS or regression):
+    what = "rm.loss=regression scores single sequences" if regression else f"algorithm={a} has no pair rows"
+    raise ConfigError(f"data.shared_prompt shares a prompt within a pair (rm pair losses, dpo, kto); {what}")
+  for key in ("train_path", "eval_path"):
+    if d[key].endswith(".npy") and a in ("rm", "kto") and not (a == "rm" and cfg.rm.loss == "bradley_terry"):
+      raise ConfigError(f"data.{key}={d[key]!r} is a NeMo-Aligner packed DPO file (.npy): algorithm=dpo or rm "
+                        "with rm.loss=bradley_terry reads it")
 
 
 def _choice(value, key, options):

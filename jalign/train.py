@@ -92,8 +92,9 @@ class Run:
 def run(cfg, workdir: str, on_step=None) -> dict:
   """Train; returns a summary dict (with the final ``state``). ``on_step(step, metrics)`` is called each step."""
   r = setup(cfg, workdir)
+  load_data(r)  # a mistake in the data fails here, before any checkpoint manager (and its threads) exists
+  open_checkpoints(r)
   try:
-    load_data(r)
     build_state(r)
     build_steps(r)
     source, eval_fn = build_source(r)
@@ -104,7 +105,7 @@ def run(cfg, workdir: str, on_step=None) -> dict:
 
 
 def setup(cfg, workdir) -> Run:
-  """Processes, algorithm, model config, tokenizer, mesh, then the checkpoint directory (and the resume check)."""
+  """Processes, algorithm, model config, tokenizer, mesh."""
   import jax
 
   from jalign import algorithms, checkpoint, data, sharding
@@ -145,6 +146,13 @@ def setup(cfg, workdir) -> Run:
                                  f"{mbs} x data-parallel size {dp}")
   r.n_micro = r.gb // (mbs * dp)
   r.ref_mode = reference_mode(cfg)
+  return r
+
+
+def open_checkpoints(r: Run):
+  """The checkpoint directory, the resume check against its latest checkpoint, and the run's config.json."""
+  from jalign import checkpoint
+  cfg = r.cfg
   r.ckpt = checkpoint.Checkpointer(os.path.join(r.workdir, "checkpoints"), cfg.checkpoint.keep,
                                    cfg.checkpoint.async_save)
   try:
@@ -160,7 +168,6 @@ def setup(cfg, workdir) -> Run:
     os.makedirs(r.workdir, exist_ok=True)
     with open(os.path.join(r.workdir, "config.json"), "w") as f:
       f.write(config_lib.to_json(cfg))
-  return r
 
 
 def load_data(r: Run):
@@ -184,8 +191,14 @@ def load_data(r: Run):
   if cfg.data.eval_path:
     r.eval_rows, n_eval, eval_skipped, r.eval_ex = r.algo.load_data(cfg.data.eval_path, r.tok, cfg)
     r.skipped += eval_skipped
+  slots = ()
+  if "pair_valid" in r.rows:  # pairs packed in rows: one number of pair slots P for train and eval
+    from jalign.data import preference
+    if r.eval_rows is not None:
+      r.rows, r.eval_rows = preference.match_slots(r.rows, r.eval_rows)
+    slots = r.rows["pair_valid"].shape[1:]
   r.row_shapes = {k: r.rows[k].shape[1:] for k in r.algo.batch_axes(cfg) if k != "ref_logps"}
-  r.row_shapes.setdefault("ref_logps", (2,))
+  r.row_shapes.setdefault("ref_logps", slots + (2,))
   first = r.rows["tokens"] if "tokens" in r.rows else next(iter(r.rows.values()))
   r.seq_len = getattr(r.family, "seq_len", 0) or int(np.prod(first.shape[1:]))
   r.describe = (f"{n_train} train rows -> {len(first)} rows of {first.shape[1:]} | "
@@ -430,7 +443,7 @@ def reference_mode(cfg) -> str:
 # numerics-preserving implementation choices. ``train.max_steps`` is allowed too (the schedule is recomputed).
 RESUME_SAFE = ("train.max_steps", "train.log_every", "train.peak_tflops", "train.micro_batch_size", "eval.",
                "checkpoint.", "distributed.", "mesh.", "model.remat", "model.scan_unroll", "model.attention",
-               "model.logprob_chunk", "data.eval_path")
+               "model.logprob_chunk", "model.logprob_impl", "model.sampling_impl", "data.eval_path")
 
 
 def _flat(d, prefix=""):
@@ -444,7 +457,10 @@ def check_resume(meta, cfg, data_digest, step):
   """Refuse to resume under a config (or training data) that differs from the checkpoint's in a key that changes
   what is trained, unless ``checkpoint.force_resume``; note the changes that are safe."""
   old, new = _flat(meta["config"]), _flat(json.loads(config_lib.to_json(cfg)))
-  changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+  default = _flat(json.loads(config_lib.to_json(config_lib.base_config())))
+  # a key that a newer jalign added, at its default, changes nothing the checkpoint's run did
+  changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)
+                   and not (k not in old and k in default and new.get(k) == default[k]))
   unsafe = [k for k in changed if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_SAFE)]
   desc = [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in unsafe]
   if meta.get("data_digest") != data_digest:

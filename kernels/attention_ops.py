@@ -8,10 +8,33 @@ rejected]``): a token sees a key only if the key's branch is 0 (the shared promp
 """
 from __future__ import annotations
 
+import os
+import warnings
+
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla",)
+IMPLEMENTATIONS = ("xla", "pallas", "cudnn")
+
+
+def attention_mask(B, T, S, q_segment_ids_BT=None, kv_segment_ids_BS=None, q_positions_BT=None,
+                   kv_positions_BS=None, causal=True, sliding_window=0, q_branch_ids_BT=None, kv_branch_ids_BS=None):
+  """[B, T, S] bool: query t may see key s (same segment, visible branch, causal and window on positions)."""
+  q_pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if q_positions_BT is None else q_positions_BT
+  kv_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)) if kv_positions_BS is None else kv_positions_BS
+  mask = jnp.ones((B, T, S), bool)
+  if q_segment_ids_BT is not None:
+    kv_seg = q_segment_ids_BT if kv_segment_ids_BS is None else kv_segment_ids_BS
+    mask &= q_segment_ids_BT[:, :, None] == kv_seg[:, None, :]
+  if q_branch_ids_BT is not None:
+    kv_br = q_branch_ids_BT if kv_branch_ids_BS is None else kv_branch_ids_BS
+    mask &= (kv_br[:, None, :] == 0) | (kv_br[:, None, :] == q_branch_ids_BT[:, :, None])
+  delta = q_pos[:, :, None] - kv_pos[:, None, :]
+  if causal:
+    mask &= delta >= 0
+  if sliding_window:
+    mask &= delta < sliding_window
+  return mask
 
 
 def attention_reference(q_BTHD, k_BSKD, v_BSKD, *, q_segment_ids_BT=None, kv_segment_ids_BS=None,
@@ -24,10 +47,6 @@ def attention_reference(q_BTHD, k_BSKD, v_BSKD, *, q_segment_ids_BT=None, kv_seg
   B, T, H, D = q_BTHD.shape
   S, K = k_BSKD.shape[1], k_BSKD.shape[2]
   G = H // K
-  if q_positions_BT is None:
-    q_positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  if kv_positions_BS is None:
-    kv_positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
   scale = D ** -0.5 if scale is None else scale
   # [B, K, G*T, D] x [B, K, S, D]: one batch-matmul per (batch, kv head) with the query group folded into the
   # rows, contracting the last dims of both (no transposed copy of k).
@@ -36,18 +55,8 @@ def attention_reference(q_BTHD, k_BSKD, v_BSKD, *, q_segment_ids_BT=None, kv_seg
   v_BKSD = v_BSKD.transpose(0, 2, 1, 3)
   scores = jnp.einsum("bkqd,bksd->bkqs", q_BKQD, k_BKSD, preferred_element_type=jnp.float32)
   scores_BKGTS = scores.reshape(B, K, G, T, S) * scale
-  mask_BTS = jnp.ones((B, T, S), dtype=bool)
-  if q_segment_ids_BT is not None:
-    kv_seg = q_segment_ids_BT if kv_segment_ids_BS is None else kv_segment_ids_BS
-    mask_BTS &= q_segment_ids_BT[:, :, None] == kv_seg[:, None, :]
-  if q_branch_ids_BT is not None:
-    kv_br = q_branch_ids_BT if kv_branch_ids_BS is None else kv_branch_ids_BS
-    mask_BTS &= (kv_br[:, None, :] == 0) | (kv_br[:, None, :] == q_branch_ids_BT[:, :, None])
-  delta_BTS = q_positions_BT[:, :, None] - kv_positions_BS[:, None, :]
-  if causal:
-    mask_BTS &= delta_BTS >= 0
-  if sliding_window:
-    mask_BTS &= delta_BTS < sliding_window
+  mask_BTS = attention_mask(B, T, S, q_segment_ids_BT, kv_segment_ids_BS, q_positions_BT, kv_positions_BS, causal,
+                            sliding_window, q_branch_ids_BT, kv_branch_ids_BS)
   scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
   probs_BKQS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKD.dtype).reshape(B, K, G * T, S)
   out_BKQD = jnp.einsum("bkqs,bksd->bkqd", probs_BKQS, v_BKSD)
@@ -55,8 +64,71 @@ def attention_reference(q_BTHD, k_BSKD, v_BSKD, *, q_segment_ids_BT=None, kv_seg
   return out_BTHD.astype(q_BTHD.dtype)
 
 
+def interpret_mode() -> bool:
+  """``JALIGN_PALLAS_INTERPRET=1`` runs the Pallas kernels in Pallas' interpreter (any backend, e.g. CPU)."""
+  return os.environ.get("JALIGN_PALLAS_INTERPRET", "0") not in ("", "0")
+
+
+_WARNED: set = set()
+
+
+def fallback(kernel: str, why: str) -> None:
+  """One warning per (kernel, reason) that the XLA reference runs instead of ``kernel``."""
+  if (kernel, why) not in _WARNED:
+    _WARNED.add((kernel, why))
+    warnings.warn(f"{kernel}: {why}; running the XLA reference instead", stacklevel=3)
+
+
+def _cudnn(q_BTHD, k, v, *, kv_heads_first=False, scale=None, **masks):
+  """cuDNN's fused attention through ``jax.nn.dot_product_attention`` (GQA native; the mask as a boolean array)."""
+  if jax.default_backend() != "gpu":
+    return None, f"cuDNN attention needs a GPU (backend {jax.default_backend()!r})"
+  if q_BTHD.dtype not in (jnp.bfloat16, jnp.float16):
+    return None, f"cuDNN attention needs bfloat16/float16, got {q_BTHD.dtype}"
+  if kv_heads_first:
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  B, T, S = q_BTHD.shape[0], q_BTHD.shape[1], k.shape[1]
+  mask = attention_mask(B, T, S, **masks)[:, None]
+  try:
+    out = jax.nn.dot_product_attention(q_BTHD, k, v, mask=mask, scale=scale, implementation="cudnn")
+  except Exception as e:  # an unsupported shape or cuDNN version: one warning, then the reference
+    return None, f"cuDNN attention failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+  return out.astype(q_BTHD.dtype), None
+
+
 def attention(q_BTHD, k_BSKD, v_BSKD, *, implementation="xla", **kwargs):
-  """Dispatch to an attention implementation; unknown names fail, unavailable kernels fall back to XLA."""
+  """Dispatch to an attention implementation. ``pallas``: the flash-attention kernel (one query token against
+  a ``kv_heads_first`` cache: the decode kernel); ``cudnn``: ``jax.nn.dot_product_attention`` on cuDNN. Where the
+  choice cannot run (backend, dtype, arguments), the XLA reference runs and one warning says why; unknown names
+  fail."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown attention implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
+  if implementation == "pallas":
+    interpret = interpret_mode()
+    if _is_decode(q_BTHD, kwargs):
+      from . import decode_attention as da
+      lengths_B = kwargs["q_positions_BT"][:, 0] + 1  # the cache holds slots 0 .. position of each row
+      why = da.unsupported_reason(q_BTHD[:, 0], k_BSKD, v_BSKD, lengths_B, interpret=interpret)
+      if why is None:
+        return da.decode_attention(q_BTHD[:, 0], k_BSKD, v_BSKD, lengths_B, scale=kwargs.get("scale"),
+                                   sliding_window=kwargs.get("sliding_window", 0), interpret=interpret)[:, None]
+      fallback("decode attention", why)
+    else:
+      from . import flash_attention as fa
+      why = fa.unsupported_reason(q_BTHD, k_BSKD, v_BSKD, interpret=interpret, **kwargs)
+      if why is None:
+        return fa.flash_attention(q_BTHD, k_BSKD, v_BSKD, interpret=interpret, **kwargs)
+      fallback("flash attention", why)
+  elif implementation == "cudnn":
+    out, why = _cudnn(q_BTHD, k_BSKD, v_BSKD, **kwargs)
+    if out is not None:
+      return out
+    fallback("cudnn attention", why)
   return attention_reference(q_BTHD, k_BSKD, v_BSKD, **kwargs)
+
+
+def _is_decode(q_BTHD, kw) -> bool:
+  """One query token per row against a [B, K, S, D] cache, masked only by causality on the cache's slots."""
+  return (q_BTHD.shape[1] == 1 and kw.get("kv_heads_first", False) and kw.get("causal", True)
+          and kw.get("q_segment_ids_BT") is None and kw.get("q_branch_ids_BT") is None
+          and kw.get("q_positions_BT") is not None and kw.get("kv_positions_BS") is not None)

@@ -79,8 +79,23 @@ def test_attention_grads_finite_differences():
 
 def test_unknown_implementation_fails():
   x = jnp.zeros((1, 2, 1, 4))
-  with pytest.raises(ValueError, match="unknown attention implementation 'cudnn'"):
-    kernels.attention(x, x, x, implementation="cudnn")
+  with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+    kernels.attention(x, x, x, implementation="flash")
+
+
+@pytest.mark.parametrize("implementation,why", [("pallas", "run only with interpret"),
+                                                ("cudnn", "needs a GPU")])
+def test_unavailable_implementation_warns_once_and_runs_the_reference(implementation, why, monkeypatch):
+  """On CPU (not interpreted) the kernels cannot run: the reference's values, and one warning saying why."""
+  monkeypatch.delenv("JALIGN_PALLAS_INTERPRET", raising=False)
+  monkeypatch.setattr(kernels.attention_ops, "_WARNED", set())
+  rng = np.random.RandomState(3)
+  q, k, v = (jnp.asarray(rng.randn(1, 6, 2, 8), jnp.float32) for _ in range(3))
+  with pytest.warns(UserWarning, match=why) as record:
+    out = kernels.attention(q, k, v, implementation=implementation)
+    kernels.attention(q, k, v, implementation=implementation)
+  assert len(record) == 1
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(kernels.attention_reference(q, k, v)))
 
 
 def test_kernels_package_ships_in_the_wheel(tmp_path):

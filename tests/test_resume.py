@@ -204,7 +204,7 @@ def test_reference_cache_is_keyed_by_weight_contents(tmp_path):
   model = str(tmp_path / "model")
   shutil.copytree("examples/tiny_sft_model", model)
   cfg = make_cfg("configs/dpo_quickstart.py", **{"model.checkpoint": model, "reference": "precomputed"})
-  rows = {k: np.arange(12, dtype=np.int32).reshape(2, 2, 3) for k in reference.PAIR_KEYS}
+  rows = {k: np.arange(12, dtype=np.int32).reshape(2, 2, 3) for k in ("tokens", "loss_mask", "segment_ids")}
   calls = []
 
   def compute(r):
@@ -302,3 +302,15 @@ def test_chat_template_that_fails_to_render_is_one_line(tmp_path, messages_data,
   res = cli(tmp_path / "wd", f"--config.data.train_path={tok_dir / 'train.jsonl'}",
             f"--config.tokenizer.path={tok_dir}", "--config.tokenizer.chat_template=hf")
   assert_one_line_error(res, 2, r"train.jsonl:1: field 'messages': " + pattern)
+
+
+def test_keys_added_at_their_default_do_not_block_resume():
+  """A checkpoint written before a config key existed resumes when the key keeps its default; a real change to
+  the same key is still refused."""
+  cfg = config_lib.base_config()
+  meta = {"config": json.loads(config_lib.to_json(cfg)), "data_digest": "d"}
+  del meta["config"]["data"]["shared_prompt"], meta["config"]["model"]["logprob_impl"]
+  train.check_resume(meta, cfg, "d", 2)
+  cfg.data.shared_prompt = True
+  with pytest.raises(config_lib.ConfigError, match=r"data.shared_prompt \(None -> True\)"):
+    train.check_resume(meta, cfg, "d", 2)

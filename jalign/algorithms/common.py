@@ -1,6 +1,12 @@
 """Pieces shared by the pairwise algorithms (reward models, DPO family, KTO): one forward over a [B, 2, T] batch
 (chosen/rejected, or sample/KL-sample, interleaved as NeMo-Aligner does), the reference model's log-probs, and
-reward statistics summed per pair so that the trainer can average them over the global batch."""
+reward statistics summed per pair so that the trainer can average them over the global batch.
+
+With ``data.packing`` or ``data.shared_prompt`` the pairs come in rows instead (``preference.pack_pairs``):
+[B, L] ``tokens``, ``loss_mask``, ``segment_ids``, ``positions`` (and ``branch_ids``), with the per-pair values
+in P slots per row ([B, P] ``pair_valid``, rewards, ...; [B, P, 2] ``ref_logps``). The same functions then
+return [B, P, 2] log-probs from one forward over the rows, and the losses, elementwise over pairs, are unchanged.
+"""
 from __future__ import annotations
 
 import jax
@@ -10,8 +16,25 @@ from jalign.models import lora, transformer
 
 PAIR_AXES = {"tokens": ("batch", None, "length"), "loss_mask": ("batch", None, "length"),
              "segment_ids": ("batch", None, "length"), "margin": ("batch",), "chosen_reward": ("batch",),
-             "rejected_reward": ("batch",), "ref_logps": ("batch", None)}
+             "rejected_reward": ("batch",), "desirable": ("batch",), "ref_logps": ("batch", None)}
+ROW_AXES = {"tokens": ("batch", "length"), "loss_mask": ("batch", "length"), "segment_ids": ("batch", "length"),
+            "positions": ("batch", "length"), "branch_ids": ("batch", "length"), "pair_valid": ("batch", None),
+            "margin": ("batch", None), "chosen_reward": ("batch", None), "rejected_reward": ("batch", None),
+            "desirable": ("batch", None), "labels": ("batch", None, None), "ref_logps": ("batch", None, None)}
 REFERENCE_MODES = ("auto", "copy", "lora_off", "precomputed")
+
+
+def packed(cfg) -> bool:
+  """Pairs travel in rows (``data.packing``: several per row; ``data.shared_prompt``: the prompt once)."""
+  return bool(cfg.data.packing or cfg.data.shared_prompt)
+
+
+def batch_axes(cfg, keys) -> dict:
+  """Logical axes of the batch ``keys`` in the configured layout; rows add their own keys."""
+  if not packed(cfg):
+    return {k: PAIR_AXES[k] for k in keys}
+  extra = ("positions", "pair_valid") + (("branch_ids",) if cfg.data.shared_prompt else ())
+  return {k: ROW_AXES[k] for k in (*keys, *extra)}
 
 
 def flat_pairs(batch):
@@ -37,11 +60,63 @@ def sequence_logps(params, flat, model_cfg, rng=None):
   return jnp.sum(jnp.where(mask_NT, logp_NT, 0.0), axis=-1), jnp.sum(mask_NT, axis=-1).astype(jnp.float32)
 
 
+def row_hidden(params, batch, model_cfg, rng=None):
+  """Hidden states [B, L, D] of packed or shared-prompt rows."""
+  return transformer.hidden_states(params, batch["tokens"], model_cfg, positions_BT=batch["positions"],
+                                   segment_ids_BT=batch["segment_ids"], branch_ids_BT=batch.get("branch_ids"),
+                                   dropout_rng=rng)
+
+
+def sequence_index(batch):
+  """[B, L]: the sequence each token of a row belongs to (slot k's j-th sequence: k*G + j), -1 on padding and
+  on a shared prompt. Packed: segment - 1; shared prompt: 2 (segment - 1) + branch - 1."""
+  seg = batch["segment_ids"]
+  if "branch_ids" in batch:
+    br = batch["branch_ids"]
+    return jnp.where((seg > 0) & (br > 0), 2 * (seg - 1) + br - 1, -1)
+  return seg - 1
+
+
+def per_sequence(x_BL, idx_BL, S: int):
+  """[B, S]: the sums of x over the tokens of each of S sequences (``idx_BL``: each token's, -1: none)."""
+  hit_BLS = idx_BL[..., None] == jnp.arange(S)
+  return jnp.sum(jnp.where(hit_BLS, x_BL[..., None], 0.0), axis=1)
+
+
+def last_positions(idx_BL, S: int):
+  """[B, S]: the index of each sequence's last token (0 for an empty slot); sequences are contiguous."""
+  hit_BLS = idx_BL[..., None] == jnp.arange(S)
+  return jnp.max(jnp.where(hit_BLS, jnp.arange(idx_BL.shape[1])[:, None], 0), axis=1)
+
+
+def row_logps(params, batch, model_cfg, rng=None):
+  """Summed response log-probs and response lengths, both [B, P, 2], of the pairs in packed or shared-prompt
+  rows, from one forward. Token t+1 counts for its sequence when trained and t belongs to the same sequence."""
+  B, P = batch["pair_valid"].shape
+  h_BLD = row_hidden(params, batch, model_cfg, rng)
+  logp_BL = transformer.logprobs_from_hidden(params, h_BLD, batch["tokens"], model_cfg)
+  idx = sequence_index(batch)
+  target_BL = jnp.where(batch["loss_mask"][:, 1:] & (idx[:, 1:] == idx[:, :-1]), idx[:, 1:], -1)
+  s = per_sequence(logp_BL, target_BL, 2 * P)
+  n = per_sequence(jnp.ones_like(logp_BL), target_BL, 2 * P)
+  return s.reshape(B, P, 2), n.reshape(B, P, 2)
+
+
 def pair_logps(params, batch, model_cfg, rng=None):
-  """Summed response log-probs and response lengths, both [B, 2], from one forward over 2B sequences."""
+  """Summed response log-probs and response lengths, both [B, 2] (rows: [B, P, 2]), from one forward over the
+  2B sequences (or the rows)."""
+  if "pair_valid" in batch:
+    return row_logps(params, batch, model_cfg, rng)
   B = batch["tokens"].shape[0]
   s, n = sequence_logps(params, flat_pairs(batch), model_cfg, rng)
   return s.reshape(B, 2), n.reshape(B, 2)
+
+
+def pair_weights(batch):
+  """1.0 for each real pair, 0.0 for padding: [B] (rows: [B, P])."""
+  if "pair_valid" in batch:
+    return batch["pair_valid"].astype(jnp.float32)
+  return jnp.any(batch["segment_ids"][:, 0] > 0, axis=-1).astype(jnp.float32)
 
 
 def reference_mode(cfg) -> str:
@@ -57,8 +132,8 @@ def policy_params(params):
 
 
 def reference_logps(params, batch, model_cfg, mode):
-  """[B, 2] summed log-probs under the reference: a frozen copy (``params['reference']``), the same params with
-  LoRA adapters off, or values precomputed before training (``batch['ref_logps']``)."""
+  """[B, 2] (rows: [B, P, 2]) summed log-probs under the reference: a frozen copy (``params['reference']``), the
+  same params with LoRA adapters off, or values precomputed before training (``batch['ref_logps']``)."""
   if mode == "precomputed":
     return batch["ref_logps"]
   ref = params["reference"] if mode == "copy" else lora.disabled(policy_params(params))

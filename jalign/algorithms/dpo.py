@@ -82,14 +82,14 @@ def batch_axes(cfg) -> dict:
   keys = ["tokens", "loss_mask", "segment_ids", "chosen_reward", "rejected_reward"]
   if common.reference_mode(cfg) == "precomputed" and cfg.dpo.loss not in REFERENCE_FREE:
     keys.append("ref_logps")
-  return {k: common.PAIR_AXES[k] for k in keys}
+  return common.batch_axes(cfg, keys)
 
 
 def load_data(path, tok, cfg):
   pairs, skipped = preference.load_pairs(path, tok, cfg.data, cfg.tokenizer.chat_template)
-  rows = preference.stack_pairs([(p.chosen, p.rejected) for p in pairs], cfg.data.max_seq_len, tok.pad_id)
-  rows["chosen_reward"] = np.array([p.chosen_reward for p in pairs], np.float32)
-  rows["rejected_reward"] = np.array([p.rejected_reward for p in pairs], np.float32)
+  values = {"chosen_reward": np.array([p.chosen_reward for p in pairs], np.float32),
+            "rejected_reward": np.array([p.rejected_reward for p in pairs], np.float32)}
+  rows = preference.pair_rows([(p.chosen, p.rejected) for p in pairs], values, cfg.data, tok.pad_id)
   return rows, len(pairs), skipped, [p.chosen for p in pairs]
 
 
@@ -98,19 +98,19 @@ def make_loss(cfg, model_cfg):
   mode = common.reference_mode(cfg)
 
   def loss_fn(params, batch, rng):
-    logp, n = common.pair_logps(common.policy_params(params), batch, model_cfg, rng)
+    logp, n = common.pair_logps(common.policy_params(params), batch, model_cfg, rng)  # [..., 2]
     n = jnp.maximum(n, 1.0)
-    w = jnp.any(batch["segment_ids"][:, 0] > 0, axis=-1).astype(jnp.float32)
+    w = common.pair_weights(batch)
     ref = None if d.loss in REFERENCE_FREE else common.reference_logps(params, batch, model_cfg, mode)
     if d.preference_average_log_probs or d.loss in AVERAGED:
       pol, ref = logp / n, (None if ref is None else ref / n)
     else:
       pol = logp
     losses, (rho_c, rho_r) = preference_losses(
-        pol[:, 0], pol[:, 1], None if ref is None else ref[:, 0], None if ref is None else ref[:, 1],
+        pol[..., 0], pol[..., 1], None if ref is None else ref[..., 0], None if ref is None else ref[..., 1],
         loss_type=d.loss, beta=d.beta, label_smoothing=d.label_smoothing, chosen_rewards=batch["chosen_reward"],
         rejected_rewards=batch["rejected_reward"], gt_reward_scale=d.gt_reward_scale, simpo_gamma=d.simpo_gamma)
-    sft = -(logp[:, 0] / n[:, 0] if d.sft_average_log_probs else logp[:, 0])
+    sft = -(logp[..., 0] / n[..., 0] if d.sft_average_log_probs else logp[..., 0])
     total = d.preference_loss_weight * losses + d.sft_loss_weight * sft
     loss = jnp.sum(w * total)
     return loss, jnp.sum(w), {"loss": loss, "preference_loss": jnp.sum(w * losses), "sft_loss": jnp.sum(w * sft),

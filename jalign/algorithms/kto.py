@@ -29,17 +29,15 @@ def kto_losses(rho, rho_kl, desirable, valid, *, beta=0.2, desirable_weight=1.0,
 
 
 def batch_axes(cfg) -> dict:
-  axes = {k: common.PAIR_AXES[k] for k in ("tokens", "loss_mask", "segment_ids")}
-  axes["desirable"] = ("batch",)
+  keys = ["tokens", "loss_mask", "segment_ids", "desirable"]
   if common.reference_mode(cfg) == "precomputed":
-    axes["ref_logps"] = common.PAIR_AXES["ref_logps"]
-  return axes
+    keys.append("ref_logps")
+  return common.batch_axes(cfg, keys)
 
 
 def load_data(path, tok, cfg):
   (samples, kl, good), skipped = preference.load_unpaired(path, tok, cfg.data, cfg.tokenizer.chat_template)
-  rows = preference.stack_pairs(list(zip(samples, kl)), cfg.data.max_seq_len, tok.pad_id)
-  rows["desirable"] = good
+  rows = preference.pair_rows(list(zip(samples, kl)), {"desirable": good}, cfg.data, tok.pad_id)
   return rows, len(samples), skipped, [s for s, g in zip(samples, good) if g]
 
 
@@ -50,14 +48,13 @@ def make_loss(cfg, model_cfg):
   def loss_fn(params, batch, rng):
     logp, _ = common.pair_logps(common.policy_params(params), batch, model_cfg, rng)
     ref = common.reference_logps(params, batch, model_cfg, mode)
-    rho = logp - ref
-    valid = jnp.any(batch["segment_ids"][:, 0] > 0, axis=-1)
-    w = valid.astype(jnp.float32)
-    losses, z = kto_losses(rho[:, 0], rho[:, 1], batch["desirable"], valid, beta=k.beta,
+    rho = logp - ref  # [..., 2]: sample, KL sample
+    w = common.pair_weights(batch)
+    losses, z = kto_losses(rho[..., 0], rho[..., 1], batch["desirable"], w > 0, beta=k.beta,
                            desirable_weight=k.desirable_weight, undesirable_weight=k.undesirable_weight)
     good = w * batch["desirable"]
     bad = w * (~batch["desirable"])
-    r = rho[:, 0]
+    r = rho[..., 0]
     loss = jnp.sum(w * losses)
     return loss, jnp.sum(w), {
         "loss": loss, "kl": z * jnp.sum(w), "_chosen_sum": jnp.sum(good * r), "_n_chosen": jnp.sum(good),

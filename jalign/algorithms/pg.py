@@ -121,29 +121,18 @@ def token_logps(params, batch, model_cfg, temperature: float = 1.0, with_entropy
                                 segment_ids_BT=batch["segment_ids"], dropout_rng=rng)
   N, T, _ = h.shape
   if not window or window >= T - 1:
-    logits = transformer.logits_from_hidden(params, h, model_cfg)
-    if temperature != 1.0:
-      logits = logits / temperature
-    logp = transformer.token_logprobs(logits, batch["tokens"])
-    if not with_entropy:
-      return logp
-    logq = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    return logp, -jnp.sum(jnp.exp(logq) * logq, axis=-1)
+    return transformer.logprobs_from_hidden(params, h, batch["tokens"], model_cfg, temperature=temperature,
+                                            with_entropy=with_entropy)
   start_N = jnp.maximum(jnp.argmax(batch["loss_mask"], axis=1) - 1, 0)
   pos_NW = start_N[:, None] + jnp.arange(window)  # may run past T - 2: gathered clipped, scattered dropped
   safe_NW = jnp.minimum(pos_NW, T - 2)
   h_NWD = jnp.take_along_axis(h, safe_NW[..., None], axis=1)
-  logits = transformer.logits_from_hidden(params, h_NWD, model_cfg)
-  if temperature != 1.0:
-    logits = logits / temperature
   targets_NW = jnp.take_along_axis(batch["tokens"], safe_NW + 1, axis=1)
-  logq = jax.nn.log_softmax(logits, axis=-1)
+  out = transformer.target_logprobs(params, h_NWD, targets_NW, model_cfg, temperature=temperature,
+                                    with_entropy=with_entropy)
   rows = jnp.arange(N)[:, None]
   place = lambda x_NW: jnp.zeros((N, T - 1), jnp.float32).at[rows, pos_NW].set(x_NW, mode="drop")
-  logp = place(jnp.take_along_axis(logq, targets_NW[..., None], axis=-1)[..., 0])
-  if not with_entropy:
-    return logp
-  return logp, place(-jnp.sum(jnp.exp(logq) * logq, axis=-1))
+  return jax.tree.map(place, out)
 
 
 def token_values(params, batch, model_cfg):

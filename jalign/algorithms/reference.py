@@ -7,21 +7,28 @@ import os
 
 import numpy as np
 
-PAIR_KEYS = ("tokens", "loss_mask", "segment_ids")
+FORWARD_KEYS = ("tokens", "loss_mask", "segment_ids", "positions", "branch_ids", "pair_valid")
+
+
+def forward_keys(rows) -> list[str]:
+  """The row arrays the log-prob forward reads (padded pairs: tokens, loss_mask, segment_ids; packed rows add
+  positions, branch_ids, pair_valid)."""
+  return [k for k in FORWARD_KEYS if k in rows]
 
 
 def precompute_logps(ref_fn, ref_params, rows, gb, batch_sh, pad_id, pid, nproc):
-  """[N, 2] summed reference log-probs of every row, one global batch at a time."""
+  """[N, 2] (packed rows: [N, P, 2]) summed reference log-probs of every row, one global batch at a time."""
   import jax
 
   from jalign import data, trainer
   n = len(rows["tokens"])
-  out = np.zeros((n, 2), np.float32)
-  sub = {k: rows[k] for k in PAIR_KEYS}
+  out = None
+  sub = {k: rows[k] for k in forward_keys(rows)}
   local = gb // nproc
   for b, batch in enumerate(data.eval_batches(sub, global_batch=gb, pad_id=pad_id, process_index=pid,
                                               process_count=nproc)):
     vals = np.asarray(jax.device_get(ref_fn(ref_params, trainer.to_global(batch, batch_sh))))
+    out = np.zeros((n,) + vals.shape[1:], np.float32) if out is None else out
     idx = np.concatenate([b * gb + p + nproc * np.arange(local) for p in range(nproc)])
     keep = idx < n
     out[idx[keep]] = vals[keep]
@@ -37,7 +44,7 @@ def reference_cache(path, named_rows, source, write, compute):
       cached = {k: f[k] for k in f.files}
   for name, rows in named_rows.items():
     h = hashlib.sha256(source.encode())
-    for k in PAIR_KEYS:
+    for k in forward_keys(rows):
       h.update(np.ascontiguousarray(rows[k]).tobytes())
     digest = np.frombuffer(h.digest(), np.uint8)
     if name in cached and np.array_equal(cached.get(name + "_hash"), digest):
@@ -71,7 +78,7 @@ def attach(r, rows, eval_rows):
   from jalign.models import lora
   base_sh = {k: r.param_sh[k] for k in r.base_keys}
   ref_fn = jax.jit(sharding.bind(lambda p, b: common.pair_logps(p, b, r.model_cfg)[0], r.mesh, r.rules),
-                   in_shardings=(base_sh, {k: r.batch_sh[k] for k in PAIR_KEYS}),
+                   in_shardings=(base_sh, {k: r.batch_sh[k] for k in forward_keys(rows)}),
                    out_shardings=sharding.replicated(r.mesh))
   ref_params = {}
 

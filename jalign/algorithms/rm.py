@@ -34,10 +34,11 @@ def bradley_terry(r_chosen, r_rejected, margin=None, center_coef: float = 0.0):
 
 
 def regression_sums(pred_BA, labels_BA, valid_B=None):
-  """(sum of squared errors, number of labels) over the attributes present (label != -100) of valid rows."""
+  """(sum of squared errors, number of labels) over the attributes present (label != -100) of valid rows
+  (packed rows: [B, P, A] predictions and labels, [B, P] validity)."""
   present = labels_BA != MISSING
   if valid_B is not None:
-    present = present & valid_B[:, None]
+    present = present & valid_B[..., None]
   return jnp.sum(jnp.where(present, (pred_BA - labels_BA) ** 2, 0.0)), jnp.sum(present).astype(jnp.float32)
 
 
@@ -77,8 +78,21 @@ def last_token_values(params, tokens_BT, segment_ids_BT, model_cfg, rng=None):
   return transformer.values_from_hidden(params, h_B1D)[:, 0]
 
 
+def row_values(params, batch, model_cfg, n_seq: int, rng=None):
+  """Value head at the last token of each of the ``n_seq`` sequence slots of packed or shared-prompt rows:
+  [B, n_seq, A] float32."""
+  h_BLD = common.row_hidden(params, batch, model_cfg, rng)
+  last_BS = common.last_positions(common.sequence_index(batch), n_seq)
+  h_BSD = jnp.take_along_axis(h_BLD, last_BS[..., None], axis=1)
+  return transformer.values_from_hidden(params, h_BSD)
+
+
 def pair_rewards(params, batch, model_cfg, index: int, rng=None):
-  """(r_chosen [B], r_rejected [B]) from one forward over the 2B sequences."""
+  """(r_chosen [B], r_rejected [B]) from one forward over the 2B sequences (rows: [B, P] each)."""
+  if "pair_valid" in batch:
+    B, P = batch["pair_valid"].shape
+    v = row_values(params, batch, model_cfg, 2 * P, rng)[..., index].reshape(B, P, 2)
+    return v[..., 0], v[..., 1]
   flat = common.flat_pairs(batch)
   v = last_token_values(params, flat["tokens"], flat["segment_ids"], model_cfg, rng)[:, index]
   v = v.reshape(-1, 2)
@@ -92,27 +106,29 @@ def model_overrides(cfg) -> dict:
 
 
 def batch_axes(cfg) -> dict:
-  if cfg.rm.loss == "regression":
-    return {"tokens": ("batch", "length"), "segment_ids": ("batch", "length"), "labels": ("batch", None)}
-  return {k: common.PAIR_AXES[k] for k in ("tokens", "loss_mask", "segment_ids", "margin")}
+  if cfg.rm.loss != "regression":
+    return common.batch_axes(cfg, ("tokens", "loss_mask", "segment_ids", "margin"))
+  if common.packed(cfg):
+    return common.batch_axes(cfg, ("tokens", "loss_mask", "segment_ids", "labels"))
+  return {"tokens": ("batch", "length"), "segment_ids": ("batch", "length"), "labels": ("batch", None)}
 
 
 def load_data(path, tok, cfg):
   """Rows for the configured loss: regression rows, HelpSteer pairs, or preference pairs (any format)."""
   d, r = cfg.data, cfg.rm
-  T = d.max_seq_len
   if r.loss == "regression":
     items, skipped = preference.load_regression(path, tok, d, r.num_attributes, tuple(r.label_range),
                                                 cfg.tokenizer.chat_template)
-    rows = preference.stack_single([e for e, _ in items], T, tok.pad_id)
-    rows["labels"] = np.stack([lab for _, lab in items])
+    rows = preference.pair_rows([(e,) for e, _ in items], {"labels": np.stack([lab for _, lab in items])}, d,
+                                tok.pad_id)
     return rows, len(items), skipped, []
   if r.loss in HELPSTEER_VARIANTS:
     pairs, skipped = preference.load_helpsteer_pairs(path, tok, d, r.num_attributes, cfg.tokenizer.chat_template)
   else:
     pairs, skipped = preference.load_pairs(path, tok, d, cfg.tokenizer.chat_template)
-  rows = preference.stack_pairs([(p.chosen, p.rejected) for p in pairs], T, tok.pad_id)
-  rows["margin"] = np.array([p.margin for p in pairs], np.float32)
+  rows = preference.pair_rows([(p.chosen, p.rejected) for p in pairs],
+                              {"margin": np.array([p.margin for p in pairs], np.float32)}, d, tok.pad_id,
+                              share_trained=True)
   return rows, len(pairs), skipped, []
 
 
@@ -121,11 +137,15 @@ def make_loss(cfg, model_cfg):
 
   def loss_fn(params, batch, rng):
     if r.loss == "regression":
-      pred_BA = last_token_values(params, batch["tokens"], batch["segment_ids"], model_cfg, rng)
-      sq, n = regression_sums(pred_BA, batch["labels"], jnp.any(batch["segment_ids"] > 0, axis=-1))
+      if "pair_valid" in batch:  # packed rows: [B, P, A]
+        pred, valid = row_values(params, batch, model_cfg, batch["pair_valid"].shape[1], rng), batch["pair_valid"]
+      else:
+        pred = last_token_values(params, batch["tokens"], batch["segment_ids"], model_cfg, rng)
+        valid = jnp.any(batch["segment_ids"] > 0, axis=-1)
+      sq, n = regression_sums(pred, batch["labels"], valid)
       return sq, n, {"loss": sq}
     r_a, r_b = pair_rewards(params, batch, model_cfg, r.reward_index, rng)
-    w = jnp.any(batch["segment_ids"][:, 0] > 0, axis=-1).astype(jnp.float32)
+    w = common.pair_weights(batch)
     if r.loss == "bradley_terry":
       per_pair, r_c, r_r = bradley_terry(r_a, r_b, batch["margin"], r.center_coef), r_a, r_b
     else:

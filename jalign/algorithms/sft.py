@@ -21,15 +21,22 @@ def target_mask(batch):
 
 
 def loss_fn(params, batch, model_cfg, rng=None):
-  """Returns (summed NLL, number of target tokens, summed metrics)."""
-  logits_BTV = transformer.forward(params, batch["tokens"], model_cfg, positions_BT=batch["positions"],
-                                   segment_ids_BT=batch["segment_ids"], dropout_rng=rng)
-  logp_BT = transformer.token_logprobs(logits_BTV, batch["tokens"])
+  """Returns (summed NLL, number of target tokens, summed metrics). ``token_acc`` (argmax = target) needs the
+  full logits: it is logged with ``model.logprob_impl=xla`` only."""
+  h_BTD = transformer.hidden_states(params, batch["tokens"], model_cfg, positions_BT=batch["positions"],
+                                    segment_ids_BT=batch["segment_ids"], dropout_rng=rng)
   mask_BT = target_mask(batch)
+  metrics = {}
+  if model_cfg.logprob_impl == "xla" and not model_cfg.logprob_chunk:
+    logits_BTV = transformer.logits_from_hidden(params, h_BTD, model_cfg)
+    logp_BT = transformer.token_logprobs(logits_BTV, batch["tokens"])
+    correct = (jnp.argmax(logits_BTV, axis=-1) == jnp.roll(batch["tokens"], -1, axis=1))[:, :-1]
+    metrics["token_acc"] = jnp.sum(correct & mask_BT).astype(jnp.float32)
+  else:
+    logp_BT = transformer.logprobs_from_hidden(params, h_BTD, batch["tokens"], model_cfg)
   nll_sum = -jnp.sum(jnp.where(mask_BT, logp_BT, 0.0))
   n_tokens = jnp.sum(mask_BT).astype(jnp.float32)
-  correct = (jnp.argmax(logits_BTV, axis=-1) == jnp.roll(batch["tokens"], -1, axis=1))[:, :-1]
-  return nll_sum, n_tokens, {"loss": nll_sum, "token_acc": jnp.sum(correct & mask_BT).astype(jnp.float32)}
+  return nll_sum, n_tokens, {"loss": nll_sum, **metrics}
 
 
 # ------------------------------------------------------------------------------------------ algorithm API

@@ -31,22 +31,34 @@ def pad_examples(examples: list[Example], T: int, pad_id: int) -> dict:
   return rows
 
 
-def pack_examples(examples: list[Example], T: int, pad_id: int) -> dict:
-  """First-fit-decreasing packing into rows of length T (deterministic for a given example list)."""
-  lengths = np.array([len(e.tokens) for e in examples])
-  order = np.argsort(-lengths, kind="stable")
+def first_fit_decreasing(lengths, T: int, max_items: int = 0) -> list[list[int]]:
+  """Indices of items grouped into bins of capacity T (at most ``max_items`` each; 0: no limit): longest first
+  (ties in input order), each into the first bin it fits. Deterministic for a given list of lengths."""
+  lengths = np.asarray(lengths)
   capacity = np.zeros(0, np.int64)
+  count = np.zeros(0, np.int64)
   bins: list[list[int]] = []
-  for i in order:
-    fits = np.nonzero(capacity >= lengths[i])[0]
+  for i in np.argsort(-lengths, kind="stable"):
+    ok = capacity >= lengths[i]
+    if max_items:
+      ok &= count < max_items
+    fits = np.nonzero(ok)[0]
     if len(fits):
       b = int(fits[0])
     else:
       b = len(bins)
       bins.append([])
-      capacity = np.append(capacity, T)
+      capacity, count = np.append(capacity, T), np.append(count, 0)
     bins[b].append(int(i))
     capacity[b] -= lengths[i]
+    count[b] += 1
+  return bins
+
+
+def pack_examples(examples: list[Example], T: int, pad_id: int) -> dict:
+  """First-fit-decreasing packing into rows of length T (deterministic for a given example list)."""
+  lengths = np.array([len(e.tokens) for e in examples])
+  bins = first_fit_decreasing(lengths, T)
   rows = _empty_rows(len(bins), T, pad_id)
   for r, members in enumerate(bins):
     pos = 0

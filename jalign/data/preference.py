@@ -6,7 +6,8 @@ Pairs (reward models, the DPO family), detected per row by their keys:
   ``chosen_reward``/``rejected_reward`` (RPO);
 - TRL: ``{"prompt", "chosen", "rejected"}`` as strings or message lists, or implicit-prompt
   ``{"chosen", "rejected"}`` (the prompt is the common prefix); optional ``margin``;
-- NeMo-Aligner RM comparisons: ``{"text"}`` lines alternating chosen (line 2k+1) and rejected (line 2k+2).
+- NeMo-Aligner RM comparisons: ``{"text"}`` lines alternating chosen (line 2k+1) and rejected (line 2k+2);
+- NeMo-Aligner packed DPO: a ``.npy`` file from ``prepare_packed_dpo_dataset.py`` (``load_nemo_packed``).
 Reward labels (SteerLM / HelpSteer2 regression): ``{"text", "label": [N numbers, -100 = missing]}``; the
 HelpSteer2-Preference BT variants read two consecutive such lines as a pair, ``label[0]`` of the first being the
 preference strength in -3..3.
@@ -21,12 +22,14 @@ generation prompt, and, for strings, an EOS after each response that does not al
 from __future__ import annotations
 
 import math
+import pickle
 from dataclasses import dataclass
 
 import numpy as np
 
 from jalign.data.formats import (DataError, Example, SegmentBuilder, _messages, _str, collect, finish, read_jsonl,
                                  tokenize_segments, truncate)
+from jalign.data.pipeline import first_fit_decreasing
 from jalign.data.tokenizers import Tokenizer
 
 MISSING = -100
@@ -192,7 +195,10 @@ def _is_comparison_file(path):
 
 
 def load_pairs(path: str, tok: Tokenizer, data_cfg, chat_template="nemo") -> tuple[list[Pair], int]:
-  """Preference pairs from any accepted pair format (file-level: NeMo comparisons; else per row)."""
+  """Preference pairs from any accepted pair format (file-level: NeMo packed ``.npy``, NeMo comparisons; else per
+  row)."""
+  if path.endswith(".npy"):
+    return load_nemo_packed(path, tok, data_cfg)
   pt = PairTokenizer(tok, data_cfg, chat_template)
   if _is_comparison_file(path):
     def make(l1, o1, l2, o2):
@@ -203,6 +209,87 @@ def load_pairs(path: str, tok: Tokenizer, data_cfg, chat_template="nemo") -> tup
       return Pair(*truncate_pair(*ex, data_cfg.max_seq_len, data_cfg.truncation, path, l1), l1)
     return _alternating(path, data_cfg, make)
   return finish(path, *collect(read_jsonl(path), data_cfg, lambda line, obj: pt.pair(obj, path, line)))
+
+
+# ------------------------------------------------------------------------------------------ NeMo-Aligner packed DPO
+
+NEMO_PACKED_KEYS = ("input_ids", "labels", "reward", "lengths", "seq_boundaries")
+
+
+def _array(obj, key, path, row, integers: bool):
+  """``obj[key]`` as a 1-D array of integers (int64) or of finite numbers (float64)."""
+  try:
+    v = np.asarray(obj[key], None if integers else np.float64)
+  except (TypeError, ValueError):  # ragged or not numbers
+    v = np.zeros((0, 0))
+  ok = v.ndim == 1 and (v.size == 0 or (np.issubdtype(v.dtype, np.integer) if integers else np.isfinite(v).all()))
+  if not ok:
+    raise DataError(path, row, key, f"expected a list of {'integers' if integers else 'finite numbers'}")
+  return v.astype(np.int64 if integers else np.float64)
+
+
+def _nemo_packed_row(i, obj, path, tok, data_cfg) -> list[Pair]:
+  """The pairs of one packed row, checked: its sequences lie back to back in ``input_ids`` between
+  ``seq_boundaries`` (chosen then rejected of each pair), ``lengths`` are those sequences' lengths, ``reward``
+  one value per sequence and ``labels`` the unshifted ``input_ids`` with -100 on untrained tokens."""
+  row = f"row {i}"
+  if not isinstance(obj, dict):
+    raise DataError(path, row, None, f"expected a dict with keys {', '.join(NEMO_PACKED_KEYS)}, got "
+                    f"{type(obj).__name__}")
+  for k in NEMO_PACKED_KEYS:
+    if k not in obj:
+      raise DataError(path, row, k, "missing")
+  ids, labels, lengths, bounds = (_array(obj, k, path, row, True)
+                                  for k in ("input_ids", "labels", "lengths", "seq_boundaries"))
+  reward = _array(obj, "reward", path, row, False)
+  n = len(ids)
+  if len(labels) != n:
+    raise DataError(path, row, "labels", f"{len(labels)} values for {n} input_ids")
+  if len(bounds) < 3 or len(bounds) % 2 == 0 or bounds[0] != 0 or bounds[-1] != n or (np.diff(bounds) <= 0).any():
+    raise DataError(path, row, "seq_boundaries", f"expected 0, then the end of each pair's chosen and rejected "
+                    f"sequence, increasing to len(input_ids)={n}; got {bounds.tolist()}")
+  seq_lens = np.diff(bounds)
+  if lengths.tolist() != seq_lens.tolist():
+    raise DataError(path, row, "lengths", f"{lengths.tolist()} are not the sequence lengths {seq_lens.tolist()} "
+                    "that seq_boundaries give")
+  if len(reward) != len(seq_lens):
+    raise DataError(path, row, "reward", f"{len(reward)} values for {len(seq_lens)} sequences (one per chosen "
+                    "and rejected)")
+  out = np.nonzero((ids < 0) | (ids >= tok.vocab_size))[0]
+  if len(out):
+    raise DataError(path, row, "input_ids", f"token id {ids[out[0]]} is outside the tokenizer's "
+                    f"{tok.vocab_size} ids")
+  bad = np.nonzero((labels != MISSING) & (labels != ids))[0]
+  if len(bad):
+    j = int(bad[0])
+    raise DataError(path, row, "labels", f"labels[{j}]={labels[j]} is neither -100 nor input_ids[{j}]={ids[j]}")
+  pairs = []
+  for j in range(len(seq_lens) // 2):
+    a, m, b = bounds[2 * j:2 * j + 3]
+    ex = [Example(ids[s:e].astype(np.int32), labels[s:e] != MISSING) for s, e in ((a, m), (m, b))]
+    ex = truncate_pair(*ex, data_cfg.max_seq_len, data_cfg.truncation, path, f"{row} pair {j}")
+    pairs.append(Pair(*ex, i, chosen_reward=float(reward[2 * j]), rejected_reward=float(reward[2 * j + 1])))
+  return pairs
+
+
+def load_nemo_packed(path: str, tok: Tokenizer, data_cfg) -> tuple[list[Pair], int]:
+  """Pairs from NeMo-Aligner's packed DPO file (``prepare_packed_dpo_dataset.py`` writes
+  ``packed_{size}_seed{seed}.npy``: a pickled array of dicts ``{input_ids, labels, reward, lengths,
+  seq_boundaries}``, one per packed row). NeMo-Aligner predicts ``labels[t + 1]`` from ``input_ids[..t]`` within
+  each sequence, positions restarting at 0: the loss mask here is ``labels != -100``. The tokens are used as they
+  are (no template, BOS or EOS added); each sequence is held to ``data.max_seq_len`` by ``data.truncation``.
+  The file is a pickle: load only files you trust."""
+  try:
+    arr = np.load(path, allow_pickle=True)
+  except FileNotFoundError:
+    raise DataError(path, 0, None, "file not found") from None
+  except (OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
+    raise DataError(path, 0, None, f"not a NeMo-Aligner packed DPO file (a .npy array of dicts): {e}") from None
+  if arr.ndim != 1:
+    raise DataError(path, 0, None, f"expected a 1-D array of dicts (one per packed row), got shape {arr.shape}")
+  rows, skipped = finish(path, *collect(enumerate(arr), data_cfg,
+                                        lambda i, obj: _nemo_packed_row(i, obj, path, tok, data_cfg)))
+  return [p for r in rows for p in r], skipped
 
 
 # ------------------------------------------------------------------------------------------ reward labels
@@ -330,3 +417,100 @@ def stack_single(examples: list[Example], T: int, pad_id: int) -> dict:
   for i, ex in enumerate(examples):
     tokens[i, :len(ex.tokens)], seg[i, :len(ex.tokens)] = ex.tokens, 1
   return {"tokens": tokens, "segment_ids": seg}
+
+
+def shared_prefix(group, share_trained=False) -> int:
+  """Leading tokens every sequence of ``group`` has in common, cut at the first trained token of any of them
+  unless ``share_trained`` (reward models read only each sequence's last token)."""
+  n = min(len(e.tokens) for e in group)
+  p = n
+  for e in group[1:]:
+    diff = np.nonzero(e.tokens[:n] != group[0].tokens[:n])[0]
+    p = min(p, int(diff[0])) if len(diff) else p
+  if not share_trained:
+    p = min([p] + [int(np.argmax(e.loss_mask)) if e.loss_mask.any() else len(e.tokens) for e in group])
+  return p
+
+
+def pack_pairs(seqs: list[tuple[Example, ...]], row_len: int, pad_id: int, *, shared_prompt: bool = False,
+               max_pairs: int = 0, share_trained: bool = False) -> dict:
+  """Pairs (or any same-size tuples of sequences: 1-tuples for single sequences) placed in rows of ``row_len``
+  tokens, first-fit-decreasing by the tokens a pair takes (ties in input order; deterministic), at most
+  ``max_pairs`` per row (0: no limit; 1: one pair per row, in input order). Nothing is dropped: a pair longer
+  than a row is a ValueError (the loaders hold each sequence to ``data.max_seq_len`` first).
+
+  Returns [N, row_len] ``tokens``, ``loss_mask``, ``segment_ids`` (0: padding), ``positions`` (and
+  ``branch_ids`` with ``shared_prompt``) and ``pair_index`` [N, P]: the input index of the pair in each row's k-th
+  slot (-1: empty). Sequence j of slot k is segment k*G + j + 1 (G sequences per pair), positions from 0. With
+  ``shared_prompt`` slot k is one segment (k + 1): the ``shared_prefix`` once without its last token (branch 0,
+  positions 0..s-1), then each sequence from that token on (branch j + 1, positions from s): attention with
+  branch ids gives each sequence exactly its own context, as a separate forward would.
+  """
+  G = len(seqs[0])
+  trunk = [max(shared_prefix(g, share_trained) - 1, 0) if shared_prompt else 0 for g in seqs]
+  sizes = np.array([t + sum(len(e.tokens) - t for e in g) for g, t in zip(seqs, trunk)])
+  if sizes.max() > row_len:
+    i = int(np.argmax(sizes))
+    raise ValueError(f"pair {i} takes {sizes[i]} tokens > row_len={row_len}")
+  bins = [[i] for i in range(len(seqs))] if max_pairs == 1 else first_fit_decreasing(sizes, row_len, max_pairs)
+  n, P = len(bins), max(map(len, bins))
+  rows = {"tokens": np.full((n, row_len), pad_id, np.int32), "loss_mask": np.zeros((n, row_len), bool),
+          "segment_ids": np.zeros((n, row_len), np.int32), "positions": np.zeros((n, row_len), np.int32)}
+  if shared_prompt:
+    rows["branch_ids"] = np.zeros((n, row_len), np.int32)
+  rows["pair_index"] = np.full((n, P), -1, np.int32)
+  for r, members in enumerate(bins):
+    at = 0
+    for k, i in enumerate(members):
+      rows["pair_index"][r, k] = i
+      t, g = trunk[i], seqs[i]
+      parts = [(g[0].tokens[:t], np.zeros(t, bool), 0, 0, k + 1)] if t else []
+      parts += [(e.tokens[t:], e.loss_mask[t:], t, j + 1, k + 1 if shared_prompt else k * G + j + 1)
+                for j, e in enumerate(g)]
+      for toks, mask, start, branch, seg in parts:
+        span = slice(at, at + len(toks))
+        rows["tokens"][r, span], rows["loss_mask"][r, span], rows["segment_ids"][r, span] = toks, mask, seg
+        rows["positions"][r, span] = start + np.arange(len(toks))
+        if shared_prompt:
+          rows["branch_ids"][r, span] = branch
+        at += len(toks)
+  return rows
+
+
+def slot_values(pair_index, values) -> np.ndarray:
+  """Per-pair ``values`` [N, ...] placed in the slots of packed rows: [rows, P, ...], zero in empty slots."""
+  values = np.asarray(values)
+  out = np.zeros(pair_index.shape + values.shape[1:], values.dtype)
+  used = pair_index >= 0
+  out[used] = values[pair_index[used]]
+  return out
+
+
+def pair_rows(seqs: list[tuple[Example, ...]], values: dict, data_cfg, pad_id: int, *,
+              share_trained: bool = False) -> dict:
+  """Training rows of pairs (or 1-tuples of single sequences) in the layout ``data_cfg`` selects, with the
+  per-pair ``values`` ([N, ...] arrays, e.g. rewards).
+
+  Padded (default): [N, 2, T] ``tokens``, ``loss_mask``, ``segment_ids`` (single sequences: [N, T] ``tokens``,
+  ``segment_ids``) and the values [N, ...]. ``data.packing`` / ``data.shared_prompt``: ``pack_pairs`` rows of
+  G x T tokens (G sequences per pair, T = ``data.max_seq_len``: any pair the loaders admit fits), several pairs
+  per row with packing, one without; ``pair_valid`` and the values per slot, [rows, P, ...]."""
+  T = data_cfg.max_seq_len
+  if not (data_cfg.packing or data_cfg.shared_prompt):
+    rows = (stack_pairs(seqs, T, pad_id) if len(seqs[0]) == 2 else stack_single([g[0] for g in seqs], T, pad_id))
+    return {**rows, **{k: np.asarray(v) for k, v in values.items()}}
+  rows = pack_pairs(seqs, len(seqs[0]) * T, pad_id, shared_prompt=data_cfg.shared_prompt,
+                    max_pairs=0 if data_cfg.packing else 1, share_trained=share_trained)
+  index = rows.pop("pair_index")
+  return {**rows, "pair_valid": index >= 0, **{k: slot_values(index, v) for k, v in values.items()}}
+
+
+TOKEN_KEYS = ("tokens", "loss_mask", "segment_ids", "positions", "branch_ids")
+
+
+def match_slots(*row_sets) -> list[dict]:
+  """Packed row sets (train, eval) widened to the same number of pair slots P (the new slots empty), so that one
+  compiled step takes them all."""
+  P = max(r["pair_valid"].shape[1] for r in row_sets)
+  return [{k: v if k in TOKEN_KEYS else np.pad(v, [(0, 0), (0, P - v.shape[1])] + [(0, 0)] * (v.ndim - 2))
+           for k, v in r.items()} for r in row_sets]

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jalign import sharding
+from jalign import kernels, sharding
 from jalign.generation import sampling
 from jalign.models import transformer
 
@@ -64,15 +64,29 @@ def _row_keys(seed_B, sample_B, n_B):
   return jax.vmap(key)(seed_B, sample_B, n_B)
 
 
-def _sample(logits_BV, st, k_cap):
+def _sampler(cfg):
+  """The engine's token choice by ``cfg.sampling_impl``: the XLA path, or the fused Pallas kernel (same
+  results; where it cannot run, the XLA path and one warning)."""
+  if cfg.sampling_impl == "pallas":
+    interpret = kernels.interpret_mode()
+    if interpret or jax.default_backend() == "gpu":
+      from jalign.kernels import sampling as fused
+      return functools.partial(fused.sample, interpret=interpret)
+    kernels.fallback("fused sampling", f"the kernel compiles for GPU (Triton); on {jax.default_backend()!r} it "
+                     "runs only interpreted (JALIGN_PALLAS_INTERPRET=1)")
+  return sampling.sample
+
+
+def _sample(logits_BV, st, k_cap, cfg):
   B, V = logits_BV.shape
   ids_BN = st["stop_ids"]
   early_B = st["n_B"] < st["min_tokens"]
   banned_BV = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], jnp.where(early_B[:, None] & (ids_BN >= 0),
                                                                             ids_BN, V)].set(True, mode="drop")
-  return sampling.sample(logits_BV, _row_keys(st["seed_B"], st["sample_B"], st["n_B"]), temperature_B=st["temperature"],
-                         top_k_B=st["top_k"], top_p_B=st["top_p"], min_p_B=st["min_p"], k_cap=k_cap,
-                         penalty_B=st["repetition_penalty"], seen_BV=st["seen_BV"], banned_BV=banned_BV)
+  return _sampler(cfg)(logits_BV, _row_keys(st["seed_B"], st["sample_B"], st["n_B"]),
+                       temperature_B=st["temperature"], top_k_B=st["top_k"], top_p_B=st["top_p"],
+                       min_p_B=st["min_p"], k_cap=k_cap, penalty_B=st["repetition_penalty"], seen_BV=st["seen_BV"],
+                       banned_BV=banned_BV)
 
 
 def _accept(st, token_B, logp_B):
@@ -123,7 +137,7 @@ def prefill(params, tokens_BP, len_B, rows, *, cfg, n: int, max_new: int, k_cap:
         "tokens_BS": rep(jnp.pad(tokens_BS, ((0, 0), (0, S - P)))), "len_B": rep(len_B.astype(jnp.int32)),
         "n_B": jnp.zeros(B * n, jnp.int32), "done_B": jnp.zeros(B * n, bool), "finished_B": jnp.zeros(B * n, bool),
         "logp_BN": jnp.zeros((B * n, max_new), jnp.float32), "seen_BV": rep(seen_BV), **rows}
-  token_B, logp_B = _sample(rep(logits_BV), st, k_cap)
+  token_B, logp_B = _sample(rep(logits_BV), st, k_cap, cfg)
   return _accept(st, token_B, logp_B)
 
 
@@ -134,7 +148,7 @@ def decode_step(params, cfg, st, *, k_cap: int):
   last_B1 = jnp.take_along_axis(st["tokens_BS"], pos_B[:, None], axis=1)
   h_B1D, cache = transformer.cached_hidden_states(params, last_B1, cfg, st["cache"], pos_B)
   logits_BV = transformer.logits_from_hidden(params, h_B1D, cfg)[:, 0]
-  token_B, logp_B = _sample(logits_BV, st, k_cap)
+  token_B, logp_B = _sample(logits_BV, st, k_cap, cfg)
   return _accept({**st, "cache": cache}, token_B, logp_B)
 
 

@@ -49,6 +49,8 @@ class ModelConfig:
   attention: str = "xla"
   num_value_heads: int = 0     # >0 adds a value/reward head with that many outputs
   logprob_chunk: int = 0       # >0: sequence log-probs in chunks of this many positions, never all [B, T, V] logits
+  logprob_impl: str = "xla"    # xla (chunked when logprob_chunk > 0) | chunked | pallas (fused kernel)
+  sampling_impl: str = "xla"   # the sampler's token choice: xla | pallas (fused kernel)
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0
@@ -79,6 +81,12 @@ class ModelConfig:
       raise ValueError(f"model.rope_scaling={self.rope_scaling!r}: choose none, linear or llama3")
     if self.activation not in ("silu", "gelu_tanh"):
       raise ValueError(f"model.activation={self.activation!r}: choose silu or gelu_tanh")
+    if self.attention not in kernels.IMPLEMENTATIONS:
+      raise ValueError(f"model.attention={self.attention!r}: choose from {kernels.IMPLEMENTATIONS}")
+    if self.logprob_impl not in LOGPROB_IMPLS:
+      raise ValueError(f"model.logprob_impl={self.logprob_impl!r}: choose from {LOGPROB_IMPLS}")
+    if self.sampling_impl not in ("xla", "pallas"):
+      raise ValueError(f"model.sampling_impl={self.sampling_impl!r}: choose xla or pallas")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"model.remat={self.remat!r}: choose none, full or dots")
     bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
@@ -401,29 +409,60 @@ def token_logprobs(logits_BTV, tokens_BT):
   return (picked_BT - logz_BT)[:, :-1]
 
 
-def logprobs_from_hidden(params, h_BTD, tokens_BT, cfg: ModelConfig):
-  """``token_logprobs(logits_from_hidden(...))`` [B, T-1]; with ``cfg.logprob_chunk`` = C > 0 the logits exist
-  C positions at a time ([B, C, V]), in the backward pass too (each chunk is recomputed), so peak memory no longer
-  grows with T x V."""
+LOGPROB_IMPLS = ("xla", "chunked", "pallas")
+DEFAULT_CHUNK = 128  # positions per chunk for logprob_impl=chunked without model.logprob_chunk
+
+
+def target_logprobs(params, h_BTD, targets_BT, cfg: ModelConfig, *, temperature: float = 1.0,
+                    with_entropy: bool = False):
+  """log p(targets_BT | h_BTD) [B, T] float32 of ``softmax(logits / temperature)`` (and its entropy with
+  ``with_entropy``), by ``cfg.logprob_impl``: ``xla`` all [B, T, V] logits at once (``chunked`` when
+  ``cfg.logprob_chunk`` > 0), ``chunked`` C positions at a time under ``jax.checkpoint`` (peak memory no longer
+  grows with T x V), ``pallas`` the fused kernel (vocabulary blocks, never [N, V]; where it cannot run, the XLA
+  reference and one warning)."""
   B, T, D = h_BTD.shape
-  C = cfg.logprob_chunk
-  if not C or C >= T:
-    return token_logprobs(logits_from_hidden(params, h_BTD, cfg), tokens_BT)
+  w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+  impl = "chunked" if cfg.logprob_impl == "xla" and cfg.logprob_chunk else cfg.logprob_impl
+  if impl == "pallas":
+    from jalign.kernels import logprob as fused
+    interpret = kernels.interpret_mode()
+    if interpret or jax.default_backend() == "gpu":
+      out = fused.token_logprobs(h_BTD.reshape(B * T, D), w, targets_BT.reshape(B * T), temperature=temperature,
+                                 return_entropy=with_entropy, interpret=interpret)
+      return jax.tree.map(lambda x: x.reshape(B, T), out)
+    kernels.fallback("fused log-probs", f"the kernel compiles for GPU (Triton); on {jax.default_backend()!r} it "
+                     "runs only interpreted (JALIGN_PALLAS_INTERPRET=1)")
+  C = cfg.logprob_chunk or DEFAULT_CHUNK
+
+  def head(w, h_BCD, t_BC):
+    logits_BCV = _matmul(h_BCD, w.astype(h_BCD.dtype), 1).astype(jnp.float32)
+    if temperature != 1.0:
+      logits_BCV = logits_BCV / temperature
+    logz_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+    logp_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0] - logz_BC
+    if not with_entropy:
+      return logp_BC
+    probs_BCV = jnp.exp(logits_BCV - logz_BC[..., None])
+    return logp_BC, logz_BC - jnp.sum(probs_BCV * logits_BCV, axis=-1)
+
+  if impl != "chunked" or C >= T:
+    return head(w, h_BTD, targets_BT)
   n = -(-T // C)
   pad = n * C - T
-  targets_BT = jnp.pad(jnp.roll(tokens_BT, -1, axis=1), ((0, 0), (0, pad)))
   h_nBCD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, n, C, D).swapaxes(0, 1)
-  t_nBC = targets_BT.reshape(B, n, C).swapaxes(0, 1)
-  w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+  t_nBC = jnp.pad(targets_BT, ((0, 0), (0, pad))).reshape(B, n, C).swapaxes(0, 1)
+  out = jax.lax.map(lambda xs: jax.checkpoint(head)(w, *xs), (h_nBCD, t_nBC))
+  return jax.tree.map(lambda x_nBC: x_nBC.swapaxes(0, 1).reshape(B, n * C)[:, :T], out)
 
-  @jax.checkpoint
-  def chunk(w, h_BCD, t_BC):
-    logits_BCV = _matmul(h_BCD, w.astype(h_BCD.dtype), 1).astype(jnp.float32)
-    picked = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits_BCV, axis=-1)
 
-  out_nBC = jax.lax.map(lambda xs: chunk(w, *xs), (h_nBCD, t_nBC))
-  return out_nBC.swapaxes(0, 1).reshape(B, n * C)[:, :T - 1]
+def logprobs_from_hidden(params, h_BTD, tokens_BT, cfg: ModelConfig, *, temperature: float = 1.0,
+                         with_entropy: bool = False):
+  """log p(token t+1 | prefix) [B, T-1] (the shifted space) from final hidden states, by ``cfg.logprob_impl``
+  (see ``target_logprobs``). Targets are rolled over all T positions and the result sliced afterwards: slicing
+  the hidden states instead costs a copy (and a pad in the backward pass)."""
+  out = target_logprobs(params, h_BTD, jnp.roll(tokens_BT, -1, axis=1), cfg, temperature=temperature,
+                        with_entropy=with_entropy)
+  return jax.tree.map(lambda x: x[:, :-1], out)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
