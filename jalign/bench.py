@@ -1,27 +1,47 @@
 """Benchmarks that compare jalign with a reference in the same run.
 
-  python -m jalign.bench sft [--steps 10] [--rounds 2] [--dtypes float32,bfloat16] [--frameworks jalign,torch,trl]
-  python -m jalign.bench dpo [--steps 10] [--rounds 2] [--frameworks jalign,torch,trl]
+  python -m jalign.bench sft [--steps 10] [--rounds 3] [--dtypes float32,bfloat16] [--lengths fixed|mixed]
+                             [--frameworks jalign,jalign-scan,torch,trl,tunix] [--tunix-path DIR] [--no-compile-cache]
+  python -m jalign.bench dpo [--steps 10] [--rounds 3] [--lengths fixed|mixed] [--tunix-path DIR] [--no-compile-cache]
+                             [--frameworks jalign,jalign-scan,jalign-packed,jalign-shared,jalign-packed+shared,
+                                           torch,trl,tunix]
   python -m jalign.bench generate [--rounds 2] [--batches 1,32] [--new-tokens 128] [--prompt-len 32]
                                   [--frameworks jalign,transformers,tunix] [--threads N] [--tunix-path DIR]
   python -m jalign.bench serve [--requests 64] [--new-tokens 128] [--slots 64]
   python -m jalign.bench rl [--rounds 2] [--steps 5] [--frameworks jalign,trl,tunix] [--tunix-path DIR] [--threads N]
   python -m jalign.bench ppo [--rounds 2] [--steps 5] [--threads N]
+  python -m jalign.bench kernels [--json F]
 
 ``sft`` trains one tiny Llama architecture (vocab 8192, hidden 256, 4 layers, 8 heads / 4 KV heads, ffn 768) on
-the same token batches (B=8, T=256, from the embedded SFT data) with jalign, with a plain PyTorch loop
-(forward, loss, backward, AdamW) and with TRL's SFTTrainer. Frameworks alternate round by round, each in a fresh
-subprocess (so peak RSS is its own) with the same thread count. Each run reports its step time (median of the
-timed steps), first step (compile) time, peak RSS and the dense-matmul ceiling (2048^3) it measures itself for
-that framework and dtype; the table shows the best round per framework, tokens/s = B*T / step time and MFU =
-model FLOPs/s over that ceiling.
+the same token batches (B=8) with jalign (layers unrolled, and ``jalign-scan``: one scanned layer), with a plain
+PyTorch loop (forward, loss, backward, AdamW), with TRL's SFTTrainer and, where importable (``--tunix-path``), with
+Tunix's PeftTrainer in full fine-tuning mode (fp32 only). ``--lengths fixed``: T=256-token rows of the embedded SFT
+data, no padding; ``mixed``: prompt + chosen response of the ``dpo`` mixed pairs (32..448 tokens), each framework
+padding as it does by default (jalign and Tunix to the 448-token maximum, PyTorch and TRL to the batch's longest).
+Frameworks alternate round by round, each in a fresh subprocess (so peak RSS is its own) with the same thread count.
+Each run reports its median step time, first step (compile) time, the time from the process's launch to the end of
+its first step, peak RSS, the tokens its forward was fed and the dense-matmul ceiling (2048^3) it measures itself
+for that framework and dtype; the table shows the best round per framework, real tokens/s (non-pad tokens of the
+batch over the step time, median over the timed steps) and MFU = model FLOPs/s on real tokens over that ceiling.
 
-``dpo`` runs one DPO step (policy and a frozen reference copy, beta 0.1, AdamW) on 8 pairs of 64-token prompts
-with 192-token chosen and rejected responses, same architecture, fp32: jalign, a plain PyTorch loop (one
-concatenated [chosen; rejected] forward for the policy and one under no_grad for the reference) and TRL's
-DPOTrainer on the same token ids, alternating in fresh subprocesses. tokens/s counts chosen + rejected rows. It
-also prints the temporary memory XLA reports (``compiled.memory_analysis()``) for the log-prob computation at
-vocabulary 128256.
+``dpo`` runs one DPO step (policy and a frozen reference copy, beta 0.1, AdamW) on 8 pairs, same architecture, fp32:
+jalign (padded to ``data.max_seq_len``; ``jalign-scan``; and the ``data.packing`` / ``data.shared_prompt`` layouts
+as ``jalign-packed``, ``jalign-shared``, ``jalign-packed+shared``, built with ``preference.pair_rows``), a plain
+PyTorch loop (one concatenated [chosen; rejected] forward for the policy and one under no_grad for the reference),
+TRL's DPOTrainer and Tunix's DPOTrainer (``--tunix-path``) on the same token ids, alternating in fresh subprocesses.
+``--lengths fixed``: 64-token prompts with 192-token chosen and rejected responses; ``mixed``: prompts of 16..192
+and responses of 16..256 tokens, drawn uniformly (seeded per step), the same pairs for every framework. tokens/s
+counts the real tokens of the policy rows: prompt + chosen and prompt + rejected of every pair. It also prints the
+temporary memory XLA reports (``compiled.memory_analysis()``) for the log-prob computation at vocabulary 128256.
+
+For both, ``--compile-cache`` (default on) times jalign's first step again with JAX's persistent compilation cache:
+one process with an empty cache directory (``JAX_COMPILATION_CACHE_DIR``), then a second one with the same shapes
+reading it back. Where Tunix cannot be imported (no ``--tunix-path``, not installed) its row is left out with a
+note; so is a jalign layout whose helpers are missing ("not available").
+
+``kernels``: the Pallas kernels against their references (``jalign/bench_kernels.py``): on a GPU at full size
+against cuDNN, the XLA reference, a measured matmul ceiling and HBM bandwidth; on CPU interpreted at small sizes,
+plus XLA's memory analysis of the log-prob paths at N = 8 x 4096, V = 128256.
 
 ``generate`` saves one random-init model of the same architecture (fp32) as a jalign model directory, exports it
 with ``jalign-to-hf``, and times jalign's ``Engine``, transformers' ``generate`` (torch CPU) and, where it is
@@ -65,6 +85,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -79,10 +100,23 @@ import numpy as np
 
 ARCH = dict(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, ffn_size=768)
 B, T = 8, 256
+PROMPT, RESP = 64, 192  # dpo, --lengths fixed: tokens per prompt / per response (rows of PROMPT + RESP = T)
+MIXED_PROMPT, MIXED_RESP = (16, 192), (16, 256)  # --lengths mixed: inclusive ranges, uniform draws per step
+LENGTHS = ("fixed", "mixed")
+DPO_LAYOUTS = ("padded", "packed", "shared", "packed+shared")
+# framework names: the jalign variants are one runner with options
+JALIGN_VARIANTS = {"jalign": {}, "jalign-scan": {"scan_unroll": 1}, "jalign-packed": {"layout": "packed"},
+                   "jalign-shared": {"layout": "shared"}, "jalign-packed+shared": {"layout": "packed+shared"}}
+SFT_FRAMEWORKS = "jalign,jalign-scan,torch,trl,tunix"
+DPO_FRAMEWORKS = "jalign,jalign-scan,jalign-packed,jalign-shared,jalign-packed+shared,torch,trl,tunix"
+LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 3e-4, (0.9, 0.98), 1e-8, 0.01, 1.0  # jalign's base optim config
+_T_IMPORT = time.time()
 
 
-def _batches(n: int) -> np.ndarray:
-  """[n, B, T] token ids: the embedded SFT data, tokenized, concatenated and cut into rows."""
+@functools.lru_cache(maxsize=1)
+def _data_ids() -> np.ndarray:
+  """The embedded SFT data (prompt and answer of each conversation), tokenized and concatenated: about 58k ids,
+  all below 320 (the tiny tokenizer's vocabulary)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   from jalign.data import load_tokenizer
   tok = load_tokenizer(os.path.join(root, "examples", "tiny_model", "tokenizer.model"))
@@ -91,32 +125,109 @@ def _batches(n: int) -> np.ndarray:
     for line in f:
       conv = json.loads(line)["conversations"]
       ids += tok.encode(f"{conv[0]['value']}\n{conv[1]['value']}\n")
-      if len(ids) >= n * B * T:
-        break
-  return np.asarray(ids[:n * B * T], np.int32).reshape(n, B, T)
+  return np.asarray(ids, np.int32)
 
 
-def flops_per_token() -> float:
+def _batches(n: int) -> np.ndarray:
+  """[n, B, T] token ids: the embedded SFT data cut into rows (repeated from the start past its end)."""
+  return np.resize(_data_ids(), n * B * T).reshape(n, B, T)
+
+
+def pair_lengths(n: int, lengths: str = "fixed") -> np.ndarray:
+  """[n, B, 3] (prompt, chosen, rejected) lengths: fixed PROMPT / RESP / RESP, or mixed: drawn uniformly from
+  MIXED_PROMPT / MIXED_RESP / MIXED_RESP, seeded per step (step i's lengths do not depend on n)."""
+  if lengths not in LENGTHS:
+    raise ValueError(f"lengths={lengths!r}: choose from {LENGTHS}")
+  if lengths == "fixed":
+    return np.tile(np.array([PROMPT, RESP, RESP], np.int64), (n, B, 1))
+  out = np.zeros((n, B, 3), np.int64)
+  for i in range(n):
+    rng = np.random.default_rng([0, i])
+    out[i, :, 0] = rng.integers(MIXED_PROMPT[0], MIXED_PROMPT[1] + 1, B)
+    out[i, :, 1:] = rng.integers(MIXED_RESP[0], MIXED_RESP[1] + 1, (B, 2))
+  return out
+
+
+def max_lengths(lengths: str = "fixed") -> tuple[int, int]:
+  """(longest prompt, longest response) a step can hold."""
+  return (PROMPT, RESP) if lengths == "fixed" else (MIXED_PROMPT[1], MIXED_RESP[1])
+
+
+def dpo_pairs(n: int, lengths: str = "fixed") -> list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+  """``n`` steps of B (prompt, chosen, rejected) id arrays, the same for every framework: all prompts are cut
+  from the data in order, then all chosen, then all rejected responses (fixed: the ids the earlier ``_pairs``
+  gave)."""
+  L = pair_lengths(n, lengths).reshape(-1, 3)
+  ids = np.resize(_data_ids(), int(L.sum()))
+  pieces, at = [[None] * 3 for _ in L], 0
+  for j in range(3):
+    for k, m in enumerate(L[:, j]):
+      pieces[k][j] = ids[at:at + m]
+      at += m
+  return [[tuple(pieces[i * B + b]) for b in range(B)] for i in range(n)]
+
+
+def sft_sequences(n: int, lengths: str = "fixed") -> list[list[np.ndarray]]:
+  """``n`` steps of B SFT sequences (loss on every token): fixed, T-token rows of the data (``_batches``); mixed,
+  prompt + chosen response of ``dpo_pairs(n, "mixed")`` (32..448 tokens)."""
+  if lengths == "fixed":
+    return [list(x) for x in _batches(n)]
+  return [[np.concatenate([p, c]) for p, c, _ in step] for step in dpo_pairs(n, lengths)]
+
+
+def sft_max_len(lengths: str = "fixed") -> int:
+  return T if lengths == "fixed" else sum(max_lengths(lengths))
+
+
+def sft_real_tokens(step) -> int:
+  """Real (non-pad) tokens of one SFT batch."""
+  return int(sum(len(s) for s in step))
+
+
+def dpo_real_tokens(step) -> int:
+  """Real tokens of one DPO batch's policy rows: prompt + chosen and prompt + rejected of every pair."""
+  return int(sum(2 * len(p) + len(c) + len(r) for p, c, r in step))
+
+
+def flops_per_token(seq_len: int = T, arch=None) -> float:
   from jalign.models import ModelConfig
   from jalign.models.transformer import flops_per_token as f
-  return f(ModelConfig(**ARCH), T)
+  return f(ModelConfig(**dict(arch or ARCH)), seq_len)
+
+
+def sft_flops_per_token(seqs) -> float:
+  """Training FLOPs per real token, averaged over the sequences (the attention term grows with length)."""
+  lens = [len(s) for step in seqs for s in step]
+  return sum(n * flops_per_token(n) for n in lens) / sum(lens)
 
 
 def _rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# ---------------------------------------------------------------------------------------------- runners
+def _since_launch() -> float:
+  """Seconds since the parent started this child process (``_in_child`` sets the time; else since import)."""
+  return time.time() - float(os.environ.get("JALIGN_BENCH_T0", _T_IMPORT))
 
-def run_jalign(dtype: str, steps: int) -> dict:
+
+def _train_result(times, real, fed, launch_s, loss_first=float("nan"), **extra) -> dict:
+  """Per-step wall times (the first one compiles), real and fed (padded policy-row) tokens per step ->
+  the run's figures: median step over the timed steps, median of their real tokens/s."""
+  n = len(times)
+  assert len(real) == n and len(fed) == n, (len(times), len(real), len(fed))
+  timed = slice(1, None) if n > 1 else slice(None)
+  return {"first_step_s": times[0], "step_s": statistics.median(times[timed]),
+          "tokens_per_sec": statistics.median(r / t for r, t in zip(real[timed], times[timed])),
+          "real_tokens": float(np.mean(real)), "fed_tokens": float(np.mean(fed)), "launch_to_first_step_s": launch_s,
+          "steps": n - 1, "loss_first": loss_first, "peak_rss_mb": _rss_mb(), **extra}
+
+
+# ---------------------------------------------------------------------------------------------- sft runners
+
+def _jax_ceiling(dtype) -> float:
+  """Dense 2048^3 matmul FLOP/s that XLA reaches in this process (the MFU denominator for the JAX rows)."""
   import jax
   import jax.numpy as jnp
-
-  from jalign import config as config_lib
-  from jalign import trainer
-  from jalign.algorithms import sft
-  from jalign.models import ModelConfig, init_params
-
   n = 2048
   a = jnp.ones((n, n), dtype)
   mm = jax.jit(lambda x: x @ x)
@@ -126,42 +237,72 @@ def run_jalign(dtype: str, steps: int) -> dict:
     t0 = time.perf_counter()
     mm(a).block_until_ready()
     t.append(time.perf_counter() - t0)
-  ceiling = 2 * n ** 3 / statistics.median(t)
+  return 2 * n ** 3 / statistics.median(t)
 
-  cfg = ModelConfig(**ARCH, dtype=dtype, scan_unroll=ARCH["num_layers"])
-  optim = config_lib.base_config().optim
-  optimizer, schedule = trainer.make_optimizer(optim, 1000, 1.0)
+
+def _jalign_state(cfg, frozen_copy: bool):
+  import jax
+  import jax.numpy as jnp
+
+  from jalign import config as config_lib
+  from jalign import trainer
+  from jalign.models import init_params
+  optimizer, schedule = trainer.make_optimizer(config_lib.base_config().optim, 1000, CLIP)
   params = init_params(cfg, jax.random.PRNGKey(0))
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": {}, "opt_state": optimizer.init(params),
+  frozen = {"reference": jax.tree.map(jnp.copy, params)} if frozen_copy else {}
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": frozen, "opt_state": optimizer.init(params),
            "rng": jax.random.PRNGKey(1)}
-  step = jax.jit(trainer.make_train_step(lambda p, b, r: sft.loss_fn(p, b, cfg, r), optimizer, schedule, 1),
-                 donate_argnums=(0,))
-  data = _batches(steps + 1)
-  pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+  return state, optimizer, schedule
 
-  def batch(i):
-    return {"tokens": jnp.asarray(data[i]), "loss_mask": jnp.ones((B, T), bool),
-            "segment_ids": jnp.ones((B, T), jnp.int32), "positions": jnp.asarray(pos)}
 
-  times, losses = [], []
-  for i in range(steps + 1):
-    b = batch(i)
+def _jalign_loop(step, state, batches, real) -> dict:
+  """Runs the jitted ``step`` over the batches (numpy dicts, moved to the device before the clock starts)."""
+  import jax.numpy as jnp
+  times, fed, losses, launch_s = [], [], [], 0.0
+  for i, rows in enumerate(batches):
+    b = {k: jnp.asarray(v) for k, v in rows.items()}
     t0 = time.perf_counter()
     state, m = step(state, b)
     losses.append(float(m["loss"]))  # blocks
     times.append(time.perf_counter() - t0)
-  return {"first_step_s": times[0], "step_s": statistics.median(times[1:]), "ceiling": ceiling,
-          "loss_first": losses[0], "peak_rss_mb": _rss_mb()}
+    fed.append(int(rows["tokens"].size))
+    if i == 0:
+      launch_s = _since_launch()
+  return _train_result(times, real, fed, launch_s, losses[0])
 
 
-def _torch_model(dtype):
+def run_jalign(dtype: str = "float32", steps: int = 10, lengths: str = "fixed", scan_unroll: int = 0,
+               arch=None) -> dict:
+  """jalign's SFT train step (``sft.loss_fn`` in ``trainer.make_train_step``, the base AdamW config), batches
+  padded to ``data.max_seq_len`` as jalign's SFT pipeline pads them (``data.build_rows``, packing off).
+  ``scan_unroll``: layers unrolled per scan step (0: all of them, a straight-line program; 1: a scanned layer)."""
+  import jax
+
+  from jalign import trainer
+  from jalign.algorithms import sft
+  from jalign.data import Example, build_rows
+  from jalign.models import ModelConfig
+  arch = dict(arch or ARCH)
+  cfg = ModelConfig(**arch, dtype=dtype, scan_unroll=scan_unroll or arch["num_layers"])
+  state, optimizer, schedule = _jalign_state(cfg, frozen_copy=False)
+  step = jax.jit(trainer.make_train_step(lambda p, b, r: sft.loss_fn(p, b, cfg, r), optimizer, schedule, 1),
+                 donate_argnums=(0,))
+  seqs = sft_sequences(steps + 1, lengths)
+  batches = [build_rows([Example(s, np.ones(len(s), bool)) for s in st], sft_max_len(lengths), arch["vocab_size"] - 1,
+                        packing=False) for st in seqs]
+  res = _jalign_loop(step, state, batches, [sft_real_tokens(s) for s in seqs])
+  return {**res, "ceiling": _jax_ceiling(dtype)}  # measured after the run: not in its launch time
+
+
+def _torch_model(dtype, arch=None, max_len: int = T):
   import torch
   import transformers
+  arch = dict(arch or ARCH)
   torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(vocab_size=ARCH["vocab_size"], hidden_size=ARCH["hidden_size"],
-                                 intermediate_size=ARCH["ffn_size"], num_hidden_layers=ARCH["num_layers"],
-                                 num_attention_heads=ARCH["num_heads"], num_key_value_heads=ARCH["num_kv_heads"],
-                                 max_position_embeddings=T, rms_norm_eps=1e-6, tie_word_embeddings=False)
+  cfg = transformers.LlamaConfig(vocab_size=arch["vocab_size"], hidden_size=arch["hidden_size"],
+                                 intermediate_size=arch["ffn_size"], num_hidden_layers=arch["num_layers"],
+                                 num_attention_heads=arch["num_heads"], num_key_value_heads=arch["num_kv_heads"],
+                                 max_position_embeddings=max_len, rms_norm_eps=1e-6, tie_word_embeddings=False)
   cfg._attn_implementation = "sdpa"
   return transformers.LlamaForCausalLM(cfg)
 
@@ -183,29 +324,54 @@ def _torch_update(model, opt, loss):
   """Backward, clip the global norm at 1.0, AdamW step: the same update for every PyTorch loop here."""
   import torch
   loss.backward()
-  torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+  torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
   opt.step()
   opt.zero_grad(set_to_none=True)
 
 
-def run_torch(dtype: str, steps: int) -> dict:
+def _torch_adamw(model):
   import torch
-  ceiling = _torch_ceiling(dtype)
-  model = _torch_model(dtype).train()
-  opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
-  data = torch.from_numpy(_batches(steps + 1)).long()
-  times, losses = [], []
-  for i in range(steps + 1):
+  return torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+
+
+def _right_pad(rows, pad: int):
+  """Rows of ids right-padded to the longest: (ids [N, L] long, attention mask [N, L] or None without padding)."""
+  import torch
+  L = max(len(r) for r in rows)
+  ids = torch.full((len(rows), L), pad, dtype=torch.long)
+  mask = torch.zeros((len(rows), L), dtype=torch.long)
+  for i, r in enumerate(rows):
+    ids[i, :len(r)] = torch.from_numpy(np.asarray(r, np.int64))
+    mask[i, :len(r)] = 1
+  return ids, (None if bool(mask.all()) else mask)
+
+
+def run_torch(dtype: str = "float32", steps: int = 10, lengths: str = "fixed", arch=None) -> dict:
+  """A plain PyTorch loop: each batch right-padded to its longest sequence (an attention mask only when it has
+  padding), forward, token-mean cross-entropy over the real tokens, backward, clipping, AdamW."""
+  import torch
+  arch = dict(arch or ARCH)
+  model = _torch_model(dtype, arch, sft_max_len(lengths)).train()
+  opt = _torch_adamw(model)
+  seqs = sft_sequences(steps + 1, lengths)
+  pad = arch["vocab_size"] - 1
+  times, fed, losses, launch_s = [], [], [], 0.0
+  for i, st in enumerate(seqs):
+    ids, mask = _right_pad(st, pad)
+    labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
     t0 = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-      logits = model(data[i]).logits
+      logits = model(ids, attention_mask=mask).logits
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                             data[i][:, 1:].reshape(-1))
+                                             labels[:, 1:].reshape(-1), ignore_index=-100)
     _torch_update(model, opt, loss)
     losses.append(loss.item())
     times.append(time.perf_counter() - t0)
-  return {"first_step_s": times[0], "step_s": statistics.median(times[1:]), "ceiling": ceiling,
-          "loss_first": losses[0], "peak_rss_mb": _rss_mb()}
+    fed.append(ids.numel())
+    if i == 0:
+      launch_s = _since_launch()
+  res = _train_result(times, [sft_real_tokens(s) for s in seqs], fed, launch_s, losses[0])
+  return {**res, "ceiling": _torch_ceiling(dtype)}
 
 
 def _step_timer(times: list):
@@ -222,49 +388,175 @@ def _step_timer(times: list):
   return StepTimer()
 
 
-def run_trl(dtype: str, steps: int) -> dict:
-  import datasets
+def _trl_probe(model, times: list, fed: list, launch: list):
+  """A callback timing each optimizer step (``times``), the tokens of the policy forwards' padded inputs in it
+  (``fed``, from a forward pre-hook on ``model``) and the time from launch to the end of the first step."""
   import transformers
-  from tokenizers import Tokenizer, models
+  calls = []
+
+  def hook(module, args, kwargs):
+    x = kwargs.get("input_ids", args[0] if args else None)
+    if x is not None:
+      calls.append(int(x.numel()))
+
+  model.register_forward_pre_hook(hook, with_kwargs=True)
+
+  class Probe(transformers.TrainerCallback):
+    def on_step_begin(self, args, state, control, **kw):
+      calls.clear()
+      self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+      times.append(time.perf_counter() - self.t0)
+      fed.append(sum(calls))
+      if not launch:
+        launch.append(_since_launch())
+
+  return Probe()
+
+
+def _word_tokenizer(vocab: int, eos: int | None = None):
+  """A transformers tokenizer mapping the word ``"<i>"`` to id i (whitespace split; "<i>" is never a substring of
+  another word), pad ``"<vocab-1>"`` (never in the data)."""
+  import transformers
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  wl = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(vocab)}, unk_token="<0>"))
+  wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=wl, pad_token=f"<{vocab - 1}>",
+                                              eos_token=f"<{vocab - 1 if eos is None else eos}>")
+
+
+def run_trl(dtype: str = "float32", steps: int = 10, lengths: str = "fixed", arch=None) -> dict:
+  """TRL's SFTTrainer on the same token ids (an ``input_ids`` dataset, in order: sequential sampler), no packing,
+  its collator padding each batch to its longest sequence, loss on every real token."""
+  import datasets
   from trl import SFTConfig, SFTTrainer
-  ceiling = _torch_ceiling(dtype)
-  model = _torch_model(dtype)
-  vocab = {f"t{i}": i for i in range(ARCH["vocab_size"])}
-  tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
-                                             pad_token="t0", eos_token="t1")
-  data = _batches(steps + 1).reshape(-1, T)
-  ds = datasets.Dataset.from_dict({"input_ids": [list(map(int, r)) for r in data]})
-  times = []
+  arch = dict(arch or ARCH)
+  max_len = sft_max_len(lengths)
+  model = _torch_model(dtype, arch, max_len)
+  tok = _word_tokenizer(arch["vocab_size"], eos=arch["vocab_size"] - 2)  # never in the data
+  seqs = sft_sequences(steps + 1, lengths)
+  ds = datasets.Dataset.from_dict({"input_ids": [list(map(int, s)) for st in seqs for s in st]})
+  times, fed, launch = [], [], []
   with tempfile.TemporaryDirectory() as out:
-    args = SFTConfig(output_dir=out, per_device_train_batch_size=B, max_steps=steps + 1, learning_rate=3e-4,
-                     adam_beta2=0.98, weight_decay=0.01, max_grad_norm=1.0, lr_scheduler_type="constant",
-                     logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True,
-                     bf16=dtype == "bfloat16", max_length=T, packing=False, gradient_checkpointing=False,
-                     dataloader_num_workers=0, seed=0, disable_tqdm=True, eos_token="t1", pad_token="t0")
+    args = SFTConfig(output_dir=out, per_device_train_batch_size=B, max_steps=steps + 1, learning_rate=LR,
+                     adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_epsilon=EPS, weight_decay=WEIGHT_DECAY,
+                     max_grad_norm=CLIP, lr_scheduler_type="constant", logging_steps=1000, save_strategy="no",
+                     report_to=[], use_cpu=True, bf16=dtype == "bfloat16", max_length=max_len, packing=False,
+                     gradient_checkpointing=False, dataloader_num_workers=0, seed=0, disable_tqdm=True,
+                     train_sampling_strategy="sequential")
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                         callbacks=[_step_timer(times)])
+                         callbacks=[_trl_probe(model, times, fed, launch)])
     trainer.train()
-  return {"first_step_s": times[0], "step_s": statistics.median(times[1:]), "ceiling": ceiling,
-          "loss_first": float("nan"), "peak_rss_mb": _rss_mb()}
+  res = _train_result(times, [sft_real_tokens(s) for s in seqs], fed, launch[0])
+  return {**res, "ceiling": _torch_ceiling(dtype)}
 
 
-RUNNERS = {"jalign": run_jalign, "torch": run_torch, "trl": run_trl}
+def _tunix_setup(hf_dir: str):
+  """Tunix's Llama 3 model (fp32) from the exported safetensors on a 1-device ("fsdp", "tp") mesh, and the
+  optimizer closest to the others': global-norm clipping then optax AdamW (decay on every parameter, as
+  torch's AdamW; jalign exempts the norms)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from tunix.models.llama3 import params as tunix_params
+  tcfg, _ = _tunix_config(hf_dir)
+  mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  load = lambda: tunix_params.create_model_from_safe_tensors(hf_dir, tcfg, mesh=mesh, dtype=jnp.float32)
+  optimizer = optax.chain(optax.clip_by_global_norm(CLIP),
+                          optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY))
+  return mesh, load, optimizer
 
 
-# ---------------------------------------------------------------------------------------------- dpo
+def _tunix_train(trainer, mesh, batches) -> tuple[list, float]:
+  """``trainer.train(batches)`` timed with Tunix's own training hooks: step k ends when the trainer logs it
+  (``on_train_step_end``: the trainer has waited for that step's loss), the first from ``on_train_start``.
+  Returns the per-step times and the seconds from launch to the first logged step."""
+  from tunix.sft import hooks
 
-PROMPT, RESP = 64, 192  # tokens per prompt / per response: chosen and rejected rows are PROMPT + RESP long
+  stamps, start, launch = [], [], []
+
+  class Hooks(hooks.TrainingHooks):
+    def on_train_start(self, train_ctx):
+      start.append(time.perf_counter())
+
+    def on_train_end(self, train_ctx):
+      pass
+
+    def on_train_step_start(self, train_ctx):
+      pass
+
+    def on_train_step_end(self, train_ctx, train_step, train_loss):
+      stamps.append(time.perf_counter())
+      if not launch:
+        launch.append(_since_launch())
+
+    def on_eval_step_start(self, train_ctx):
+      pass
+
+    def on_eval_step_end(self, train_ctx, eval_loss):
+      pass
+
+  trainer.with_training_hooks(Hooks())
+  with mesh:
+    trainer.train(batches)
+  assert len(stamps) == len(batches), (len(stamps), len(batches))
+  return np.diff(start[:1] + stamps).tolist(), launch[0]
 
 
-def _pairs(n: int):
-  """[n, B, PROMPT], [n, B, RESP], [n, B, RESP] token ids cut from the embedded data."""
-  toks = _batches(-(-n * B * (PROMPT + 2 * RESP) // (B * T)) + 1).reshape(-1)
-  k = n * B
-  p = toks[:k * PROMPT].reshape(n, B, PROMPT)
-  c = toks[k * PROMPT:k * (PROMPT + RESP)].reshape(n, B, RESP)
-  r = toks[k * (PROMPT + RESP):k * (PROMPT + 2 * RESP)].reshape(n, B, RESP)
-  return p, c, r
+def _tunix_loss_first(trainer) -> float:
+  try:
+    return float(trainer.metrics_logger.get_metric_history(trainer.metrics_prefix, "loss", "train")[0])
+  except Exception:  # noqa: BLE001 - only a cross-check
+    return float("nan")
 
+
+def run_tunix_sft(dtype: str = "float32", steps: int = 10, lengths: str = "fixed", hf_dir: str = "",
+                  arch=None) -> dict:
+  """Tunix's ``PeftTrainer`` in full fine-tuning mode (no LoRA: every ``nnx.Param`` trained) with its default
+  loss (token-mean NLL over ``input_mask``), fed pre-tokenised ``TrainingInput`` (ids right-padded to the fixed
+  max length, as its data pipelines pad) and the ``gen_model_input_fn`` its PEFT CLI uses (positions and a
+  causal attention mask built from the mask). Default ``TrainingConfig`` otherwise (up to 2 steps in flight)."""
+  try:
+    from tunix.sft import peft_trainer
+    from tunix.sft import utils as tunix_utils
+  except ImportError as e:
+    return {"not_installed": f"{type(e).__name__}: {e}"}
+  if dtype != "float32":
+    return {"not_available": "fp32 only: Tunix's Llama 3 computes in its parameters' dtype (no fp32 parameters "
+                             "with bf16 compute)"}
+  arch = dict(arch or ARCH)
+  mesh, load, optimizer = _tunix_setup(hf_dir)
+  with mesh:
+    model = load()
+  config = peft_trainer.TrainingConfig(eval_every_n_steps=10 ** 9, max_steps=steps + 1)
+  trainer = peft_trainer.PeftTrainer(model, optimizer, config)
+
+  def gen_model_input_fn(x):
+    return {"input_tokens": x.input_tokens, "input_mask": x.input_mask,
+            "positions": tunix_utils.build_positions_from_mask(x.input_mask),
+            "attention_mask": tunix_utils.make_causal_attn_mask(x.input_mask)}
+
+  trainer = trainer.with_gen_model_input_fn(gen_model_input_fn)
+  seqs = sft_sequences(steps + 1, lengths)
+  L, pad = sft_max_len(lengths), arch["vocab_size"] - 1
+  batches = []
+  for st in seqs:
+    ids = np.full((B, L), pad, np.int32)
+    mask = np.zeros((B, L), bool)
+    for i, s in enumerate(st):
+      ids[i, :len(s)], mask[i, :len(s)] = s, True
+    batches.append(peft_trainer.TrainingInput(input_tokens=ids, input_mask=mask))
+  times, launch_s = _tunix_train(trainer, mesh, batches)
+  res = _train_result(times, [sft_real_tokens(s) for s in seqs], [B * L] * len(seqs), launch_s,
+                      _tunix_loss_first(trainer))
+  return {**res, "ceiling": _jax_ceiling(dtype)}
+
+
+RUNNERS = {"jalign": run_jalign, "torch": run_torch, "trl": run_trl, "tunix": run_tunix_sft}
+
+
+# ---------------------------------------------------------------------------------------------- dpo runners
 
 def _jalign_dpo_setup(model_cfg, beta=0.1):
   from jalign import config as config_lib
@@ -275,108 +567,189 @@ def _jalign_dpo_setup(model_cfg, beta=0.1):
   return dpo.make_loss(c, model_cfg)
 
 
-def _dpo_batch(p, c, r):
-  """[B, 2, PROMPT+RESP] jalign pair batch."""
-  import jax.numpy as jnp
-  tokens = np.stack([np.concatenate([p, c], -1), np.concatenate([p, r], -1)], 1)
-  mask = np.zeros(tokens.shape, bool)
-  mask[..., PROMPT:] = True
-  return {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(mask),
-          "segment_ids": jnp.ones(tokens.shape, jnp.int32), "chosen_reward": jnp.ones(B),
-          "rejected_reward": jnp.zeros(B)}
+def dpo_layout_missing(layout: str) -> str:
+  """Why jalign cannot build ``layout`` batches here ('' when it can): the packed and shared-prompt layouts need
+  ``preference.pair_rows`` (rows from ``pack_pairs``) and the row-aware losses in ``algorithms.common``."""
+  if layout not in DPO_LAYOUTS:
+    return f"layout={layout!r}: choose from {DPO_LAYOUTS}"
+  if layout == "padded":
+    return ""
+  from jalign.algorithms import common
+  from jalign.data import preference
+  missing = [f"jalign.data.preference.{n}" for n in ("pair_rows", "pack_pairs") if not hasattr(preference, n)]
+  missing += [f"jalign.algorithms.common.{n}" for n in ("row_logps",) if not hasattr(common, n)]
+  return f"not available: {', '.join(missing)} missing" if missing else ""
 
 
-def run_jalign_dpo(dtype: str, steps: int) -> dict:
+def _pad_to(x: np.ndarray, shape, value) -> np.ndarray:
+  return np.pad(x, [(0, s - d) for s, d in zip(shape, x.shape)], constant_values=value)
+
+
+def jalign_dpo_rows(steps_pairs, layout: str = "padded", max_len: int = T, pad_id: int = 0) -> list[dict]:
+  """jalign DPO batches (numpy) for each step's pairs, built by jalign's own helpers: ``padded``, [B, 2, max_len]
+  (``preference.stack_pairs``, what ``data.max_seq_len`` padding gives); ``packed`` / ``shared`` /
+  ``packed+shared``, ``preference.pair_rows`` with ``data.packing`` / ``data.shared_prompt`` (rows of
+  2 x max_len tokens; each step's pairs packed on their own). All steps are padded to the same shapes (rows, pair
+  slots: empty rows and slots are padding) so that one compiled step runs them all."""
+  from jalign.data import preference
+  from jalign.data.formats import Example
+  why = dpo_layout_missing(layout)
+  if why:
+    raise NotImplementedError(why)
+  out = []
+  for step in steps_pairs:
+    seqs = []
+    for p, c, r in step:
+      mask = lambda resp: np.concatenate([np.zeros(len(p), bool), np.ones(len(resp), bool)])
+      seqs.append((Example(np.concatenate([p, c]).astype(np.int32), mask(c)),
+                   Example(np.concatenate([p, r]).astype(np.int32), mask(r))))
+    values = {"chosen_reward": np.ones(len(seqs), np.float32), "rejected_reward": np.zeros(len(seqs), np.float32)}
+    if layout == "padded":
+      rows = {**preference.stack_pairs(seqs, max_len, pad_id), **values}
+    else:
+      cfg = argparse.Namespace(max_seq_len=max_len, packing="packed" in layout, shared_prompt="shared" in layout)
+      rows = preference.pair_rows(seqs, values, cfg, pad_id)
+    out.append(rows)
+  shapes = {k: tuple(max(r[k].shape[d] for r in out) for d in range(out[0][k].ndim)) for k in out[0]}
+  return [{k: _pad_to(v, shapes[k], pad_id if k == "tokens" else 0) for k, v in r.items()} for r in out]
+
+
+def run_jalign_dpo(dtype: str = "float32", steps: int = 10, lengths: str = "fixed", layout: str = "padded",
+                   scan_unroll: int = 0, arch=None) -> dict:
+  """jalign's DPO train step (``dpo.make_loss``, reference = a frozen copy, beta 0.1, the base AdamW config) on
+  ``jalign_dpo_rows`` batches in ``layout``."""
   import jax
-  import jax.numpy as jnp
 
-  from jalign import config as config_lib
   from jalign import trainer
-  from jalign.models import ModelConfig, init_params
-  cfg = ModelConfig(**ARCH, dtype=dtype, scan_unroll=ARCH["num_layers"])
-  optimizer, schedule = trainer.make_optimizer(config_lib.base_config().optim, 1000, 1.0)
-  params = init_params(cfg, jax.random.PRNGKey(0))
-  ref = jax.tree.map(jnp.copy, params)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": {"reference": ref},
-           "opt_state": optimizer.init(params), "rng": jax.random.PRNGKey(1)}
+  from jalign.models import ModelConfig
+  why = dpo_layout_missing(layout)
+  if why:
+    return {"not_available": why}
+  arch = dict(arch or ARCH)
+  cfg = ModelConfig(**arch, dtype=dtype, scan_unroll=scan_unroll or arch["num_layers"])
+  state, optimizer, schedule = _jalign_state(cfg, frozen_copy=True)
   step = jax.jit(trainer.make_train_step(_jalign_dpo_setup(cfg), optimizer, schedule, 1), donate_argnums=(0,))
-  p, c, r = _pairs(steps + 1)
-  times, losses = [], []
-  for i in range(steps + 1):
-    b = _dpo_batch(p[i], c[i], r[i])
-    t0 = time.perf_counter()
-    state, m = step(state, b)
-    losses.append(float(m["loss"]))
-    times.append(time.perf_counter() - t0)
-  return {"first_step_s": times[0], "step_s": statistics.median(times[1:]), "loss_last": losses[-1],
-          "peak_rss_mb": _rss_mb()}
+  pairs = dpo_pairs(steps + 1, lengths)
+  batches = jalign_dpo_rows(pairs, layout, sum(max_lengths(lengths)), arch["vocab_size"] - 1)
+  res = _jalign_loop(step, state, batches, [dpo_real_tokens(s) for s in pairs])
+  return {**res, "rows_shape": list(batches[0]["tokens"].shape)}
 
 
-def run_torch_dpo(dtype: str, steps: int) -> dict:
+def run_torch_dpo(dtype: str = "float32", steps: int = 10, lengths: str = "fixed", arch=None) -> dict:
+  """A plain PyTorch DPO loop: [chosen; rejected] rows (prompt + response) right-padded to the longest in the
+  batch, one forward for the policy and one under ``no_grad`` for a frozen copy, summed response log-probs (the
+  log-softmax from the shortest prompt on), sigmoid loss at beta 0.1, clipping, AdamW."""
   import copy
 
   import torch
   import torch.nn.functional as F
-  model = _torch_model(dtype).train()
+  arch = dict(arch or ARCH)
+  model = _torch_model(dtype, arch, sum(max_lengths(lengths))).train()
   ref = copy.deepcopy(model).eval().requires_grad_(False)
-  opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
-  p, c, r = (torch.from_numpy(x).long() for x in _pairs(steps + 1))
-  beta = 0.1
+  opt = _torch_adamw(model)
+  pairs = dpo_pairs(steps + 1, lengths)
+  pad, beta = arch["vocab_size"] - 1, 0.1
 
-  def logps(m, ids):
-    logits = m(ids).logits[:, PROMPT - 1:-1].float()
-    return torch.gather(F.log_softmax(logits, -1), 2, ids[:, PROMPT:, None])[..., 0].sum(-1)
+  def logps(m, ids, mask, resp, start):
+    logits = m(ids, attention_mask=mask).logits[:, start:-1].float()
+    lp = torch.gather(F.log_softmax(logits, -1), 2, ids[:, start + 1:, None])[..., 0]
+    return (lp * resp[:, start + 1:]).sum(-1)
 
-  times, losses = [], []
-  for i in range(steps + 1):
+  times, fed, losses, launch_s = [], [], [], 0.0
+  for i, step in enumerate(pairs):
+    ids, mask = _right_pad([np.concatenate([p, c]) for p, c, _ in step] +
+                           [np.concatenate([p, r]) for p, _, r in step], pad)  # [chosen; rejected]
+    resp = torch.zeros(ids.shape, dtype=torch.float32)  # 1 on response tokens
+    for k, (p, c, r) in enumerate(step):
+      resp[k, len(p):len(p) + len(c)] = 1.0
+      resp[len(step) + k, len(p):len(p) + len(r)] = 1.0
+    start = min(len(p) for p, _, _ in step) - 1
     t0 = time.perf_counter()
-    ids = torch.cat([torch.cat([p[i], c[i]], 1), torch.cat([p[i], r[i]], 1)])  # [chosen; rejected]
     with torch.no_grad():
-      ref_c, ref_r = logps(ref, ids).chunk(2)
-    pol_c, pol_r = logps(model, ids).chunk(2)
+      ref_c, ref_r = logps(ref, ids, mask, resp, start).chunk(2)
+    pol_c, pol_r = logps(model, ids, mask, resp, start).chunk(2)
     loss = -F.logsigmoid(beta * ((pol_c - ref_c) - (pol_r - ref_r))).mean()
     _torch_update(model, opt, loss)
     losses.append(loss.item())
     times.append(time.perf_counter() - t0)
-  return {"first_step_s": times[0], "step_s": statistics.median(times[1:]), "loss_last": losses[-1],
-          "peak_rss_mb": _rss_mb()}
+    fed.append(ids.numel())
+    if i == 0:
+      launch_s = _since_launch()
+  return _train_result(times, [dpo_real_tokens(s) for s in pairs], fed, launch_s, losses[0])
 
 
-def run_trl_dpo(dtype: str, steps: int) -> dict:
-  """TRL's DPOTrainer on the same token ids (a word-level tokenizer maps "<id>" to id)."""
+def run_trl_dpo(dtype: str = "float32", steps: int = 10, lengths: str = "fixed", arch=None) -> dict:
+  """TRL's DPOTrainer on the same token ids (a word-level tokenizer maps "<id>" to id; TRL appends its EOS to each
+  response, so the response text holds its ids but the last), reference model given, in order (sequential
+  sampler), its collator padding to the longest prompt + completion of the batch."""
   import copy
 
   import datasets
-  import transformers
-  from tokenizers import Tokenizer, models, pre_tokenizers
   from trl import DPOConfig, DPOTrainer
-  model = _torch_model(dtype)
+  arch = dict(arch or ARCH)
+  model = _torch_model(dtype, arch, sum(max_lengths(lengths)))
   ref = copy.deepcopy(model)
-  vocab = {f"<{i}>": i for i in range(ARCH["vocab_size"])}  # "<i>" is never a substring of another token
-  wl = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
-  wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  eos = ARCH["vocab_size"] - 1  # never in the data: TRL appends it to each response (one extra token)
-  tok = transformers.PreTrainedTokenizerFast(tokenizer_object=wl, pad_token="<0>", eos_token=f"<{eos}>")
-  p, c, r = _pairs(steps + 1)
+  tok = _word_tokenizer(arch["vocab_size"], eos=arch["vocab_size"] - 2)  # never in the data
+  pairs = dpo_pairs(steps + 1, lengths)
   words = lambda ids: " ".join(f"<{int(i)}>" for i in ids)
-  ds = datasets.Dataset.from_dict({"prompt": [words(x) for x in p.reshape(-1, PROMPT)],
-                                   "chosen": [" " + words(x[:-1]) for x in c.reshape(-1, RESP)],
-                                   "rejected": [" " + words(x[:-1]) for x in r.reshape(-1, RESP)]})
-  times = []
+  flat = [x for step in pairs for x in step]
+  ds = datasets.Dataset.from_dict({"prompt": [words(p) for p, _, _ in flat],
+                                   "chosen": [" " + words(c[:-1]) for _, c, _ in flat],
+                                   "rejected": [" " + words(r[:-1]) for _, _, r in flat]})
+  times, fed, launch = [], [], []
   with tempfile.TemporaryDirectory() as out:
-    args = DPOConfig(output_dir=out, beta=0.1, per_device_train_batch_size=B, max_steps=steps + 1,
-                     learning_rate=3e-4, adam_beta2=0.98, weight_decay=0.01, max_grad_norm=1.0,
-                     lr_scheduler_type="constant", logging_steps=1000, save_strategy="no", report_to=[],
-                     use_cpu=True, bf16=dtype == "bfloat16", max_length=None, gradient_checkpointing=False,
-                     dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    args = DPOConfig(output_dir=out, beta=0.1, per_device_train_batch_size=B, max_steps=steps + 1, learning_rate=LR,
+                     adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_epsilon=EPS, weight_decay=WEIGHT_DECAY,
+                     max_grad_norm=CLIP, lr_scheduler_type="constant", logging_steps=1000, save_strategy="no",
+                     report_to=[], use_cpu=True, bf16=dtype == "bfloat16", max_length=None,
+                     gradient_checkpointing=False, dataloader_num_workers=0, seed=0, disable_tqdm=True,
+                     train_sampling_strategy="sequential")
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok,
-                         callbacks=[_step_timer(times)])
+                         callbacks=[_trl_probe(model, times, fed, launch)])
     trainer.train()
-  return {"first_step_s": times[0], "step_s": statistics.median(times[1:]), "loss_last": float("nan"),
-          "peak_rss_mb": _rss_mb()}
+  return _train_result(times, [dpo_real_tokens(s) for s in pairs], fed, launch[0])
 
 
-DPO_RUNNERS = {"jalign": run_jalign_dpo, "torch": run_torch_dpo, "trl": run_trl_dpo}
+def run_tunix_dpo(dtype: str = "float32", steps: int = 10, lengths: str = "fixed", hf_dir: str = "",
+                  arch=None) -> dict:
+  """Tunix's ``DPOTrainer`` (``tunix.sft.dpo.dpo_trainer``, algorithm "dpo", beta 0.1, no label smoothing) with a
+  reference model (a second copy loaded from the same safetensors), fed its pre-tokenised ``TrainingInput``:
+  prompts left-padded to the longest prompt the data allows, responses right-padded to the longest response
+  (what its own tokenising path, ``process_dpo_record`` with max_prompt_length / max_response_length, gives).
+  Per step it computes the reference log-probs in ``_prepare_inputs`` (a jitted forward outside the train step),
+  then the jitted policy step. Default ``TrainingConfig`` otherwise (up to 2 steps in flight)."""
+  try:
+    from tunix.sft.dpo import dpo_trainer
+  except ImportError as e:
+    return {"not_installed": f"{type(e).__name__}: {e}"}
+  if dtype != "float32":
+    return {"not_available": "fp32 only"}
+  arch = dict(arch or ARCH)
+  mesh, load, optimizer = _tunix_setup(hf_dir)
+  with mesh:
+    model, ref = load(), load()
+  config = dpo_trainer.DPOTrainingConfig(eval_every_n_steps=10 ** 9, max_steps=steps + 1, algorithm="dpo", beta=0.1)
+  trainer = dpo_trainer.DPOTrainer(model=model, ref_model=ref, optimizer=optimizer, training_config=config)
+  pairs = dpo_pairs(steps + 1, lengths)
+  P, R = max_lengths(lengths)
+  pad = arch["vocab_size"] - 1
+  batches = []
+  for step in pairs:
+    a = {k: np.full((B, R if k != "prompt" else P), pad, np.int32) for k in ("prompt", "chosen", "rejected")}
+    m = {k: np.zeros(v.shape, np.int32) for k, v in a.items()}
+    for i, (p, c, r) in enumerate(step):
+      a["prompt"][i, P - len(p):], m["prompt"][i, P - len(p):] = p, 1  # left-padded
+      for k, x in (("chosen", c), ("rejected", r)):
+        a[k][i, :len(x)], m[k][i, :len(x)] = x, 1
+    batches.append(dpo_trainer.TrainingInput(prompt_ids=a["prompt"], prompt_mask=m["prompt"], chosen_ids=a["chosen"],
+                                             chosen_mask=m["chosen"], rejected_ids=a["rejected"],
+                                             rejected_mask=m["rejected"]))
+  times, launch_s = _tunix_train(trainer, mesh, batches)
+  return _train_result(times, [dpo_real_tokens(s) for s in pairs], [2 * B * (P + R)] * len(pairs), launch_s,
+                       _tunix_loss_first(trainer))
+
+
+DPO_RUNNERS = {"jalign": run_jalign_dpo, "torch": run_torch_dpo, "trl": run_trl_dpo, "tunix": run_tunix_dpo}
 
 
 def logprob_memory(vocab: int = 128256, hidden: int = 2048, rows: int = 16, length: int = PROMPT + RESP) -> dict:
@@ -794,6 +1167,7 @@ def run_jalign_rl(model_dir: str, hf_dir: str, tok_dir: str, data_path: str, pro
   with tempfile.TemporaryDirectory(dir=workdir or None) as wd:
     r = train.setup(c, wd)
     train.load_data(r)
+    train.open_checkpoints(r)
     train.build_state(r)
     train.build_steps(r)
     source, _ = train.build_source(r)
@@ -1021,86 +1395,220 @@ def print_rl_table(rows, anchor="trl"):
 
 # ---------------------------------------------------------------------------------------------- driver
 
-def _in_child(call: str, threads: int, with_torch: bool, label: str, pythonpath: str = "") -> dict:
-  """``bench.<call>`` in a fresh Python process limited to ``threads`` threads; returns the dict it prints."""
-  env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore",
-             TOKENIZERS_PARALLELISM="false", JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-  env.pop("XLA_FLAGS", None)
+def _in_child(call: str, threads: int, with_torch: bool, label: str, pythonpath: str = "", env=None) -> dict:
+  """``bench.<call>`` in a fresh Python process limited to ``threads`` threads; returns the dict it prints.
+  ``env`` (sft/dpo): no inherited JAX persistent compilation cache, then these variables."""
+  child_env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore",
+                   TOKENIZERS_PARALLELISM="false", JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  child_env.pop("XLA_FLAGS", None)
+  if env is not None:
+    for k in [k for k in child_env if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))]:
+      child_env.pop(k)
+    child_env.update(env)
   if pythonpath:
-    env["PYTHONPATH"] = os.pathsep.join(x for x in (pythonpath, env.get("PYTHONPATH", "")) if x)
+    child_env["PYTHONPATH"] = os.pathsep.join(x for x in (pythonpath, child_env.get("PYTHONPATH", "")) if x)
   pre = f"import torch; torch.set_num_threads({threads}); " if with_torch else ""
   code = f"import json; {pre}from jalign import bench; print('RESULT', json.dumps(bench.{call}))"
-  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+  child_env["JALIGN_BENCH_T0"] = repr(time.time())  # the runners' "launch to first step" starts here
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env)
   for line in r.stdout.splitlines():
     if line.startswith("RESULT "):
       return json.loads(line[len("RESULT "):])
   raise RuntimeError(f"{label} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
 
 
-def _child(framework, dtype, steps, threads, table="RUNNERS"):
-  return _in_child(f"{table}[{framework!r}]({dtype!r}, {steps})", threads, framework != "jalign",
-                   f"{framework} ({dtype})")
+def _train_child(table: str, framework: str, kwargs: dict, threads: int, tunix_path: str = "", env=None) -> dict:
+  """One sft/dpo run of ``framework`` (a jalign variant = the jalign runner with its options) in a fresh process."""
+  base = framework.split("-")[0]
+  kw = {**JALIGN_VARIANTS.get(framework, {}), **kwargs}
+  if base != "tunix":
+    kw.pop("hf_dir", None)
+  return _in_child(f"{table}[{base!r}](**json.loads({json.dumps(kw)!r}))", threads, base in ("torch", "trl"),
+                   f"{framework} ({kw})", tunix_path if base == "tunix" else "", env={} if env is None else env)
 
 
-def bench_sft(steps: int, rounds: int, dtypes, frameworks, threads: int) -> list[dict]:
-  fpt = flops_per_token()
-  results = {}
-  for r in range(rounds):
-    for dtype in dtypes:
-      for fw in frameworks:
-        res = _child(fw, dtype, steps, threads)
+def _check_frameworks(frameworks, allowed) -> list:
+  frameworks = [f for f in frameworks if f]
+  bad = [f for f in frameworks if f not in allowed]
+  if bad:
+    raise ValueError(f"unknown framework(s) {bad}: choose from {sorted(allowed)}")
+  return frameworks
+
+
+def _bench_train(table: str, cells, rounds: int, threads: int, steps: int, lengths: str, tunix_path: str = "",
+                 workdir: str = "") -> tuple[dict, dict]:
+  """Every (framework, dtype) cell once per round, alternating, each in a fresh process. Returns the results per
+  cell and notes: frameworks not installed, rows not available (and why)."""
+  results, notes = {}, {"not_installed": {}, "not_available": {}}
+  cells = list(cells)
+  with tempfile.TemporaryDirectory(dir=workdir or None) as wd:
+    hf_dir = make_gen_model(wd)[1] if any(fw == "tunix" for fw, _ in cells) else ""
+    for r in range(rounds):
+      for fw, dtype in list(cells):
+        res = _train_child(table, fw, dict(dtype=dtype, steps=steps, lengths=lengths, hf_dir=hf_dir), threads,
+                           tunix_path)
+        if "not_installed" in res:  # none of its cells can run
+          notes["not_installed"][fw] = res["not_installed"]
+          cells = [c for c in cells if c[0] != fw]
+        elif "not_available" in res:  # this cell cannot
+          notes["not_available"][f"{fw} ({dtype})"] = res["not_available"]
+          cells.remove((fw, dtype))
+        if "not_installed" in res or "not_available" in res:
+          print(f"  {fw} ({dtype}): {res.get('not_installed') or res['not_available']}", file=sys.stderr, flush=True)
+          continue
         results.setdefault((fw, dtype), []).append(res)
-        print(f"  round {r + 1}: {fw:7s} {dtype:9s} step {res['step_s'] * 1e3:7.1f} ms", file=sys.stderr,
+        print(f"  round {r + 1}: {fw:20s} {dtype:9s} step {res['step_s'] * 1e3:7.1f} ms  "
+              f"{res['tokens_per_sec']:6.0f} real tokens/s  first step {res['first_step_s']:.2f} s", file=sys.stderr,
               flush=True)
+  return results, notes
+
+
+def _best_row(fw, dtype, rs) -> dict:
+  """The best round (other load only ever slows a round down) by median step; the smallest first step and launch
+  time, the largest peak RSS over rounds."""
+  best = min(rs, key=lambda x: x["step_s"])
+  return {"framework": fw, "dtype": dtype, "tokens_per_sec": best["tokens_per_sec"], "step_ms": best["step_s"] * 1e3,
+          "steps_per_sec": 1 / best["step_s"], "real_tokens": best["real_tokens"], "fed_tokens": best["fed_tokens"],
+          "first_step_s": min(x["first_step_s"] for x in rs),
+          "launch_to_first_step_s": min(x["launch_to_first_step_s"] for x in rs),
+          "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
+          **({"rows_shape": best["rows_shape"]} if "rows_shape" in best else {})}
+
+
+def compile_study(table: str, cells, rounds: int, threads: int, lengths: str) -> list[dict]:
+  """jalign's first step with JAX's persistent compilation cache: per (variant, dtype) and round, one process with
+  an empty cache directory (it compiles and writes the cache), then a second process with the same shapes and
+  that directory (it reads the executables back). ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0`` and
+  ``..._MIN_ENTRY_SIZE_BYTES=0``: every executable is cached, not only those that took over a second."""
+  out = []
+  for fw, dtype in cells:
+    cold, warm = [], []
+    for r in range(rounds):
+      with tempfile.TemporaryDirectory() as cache:
+        env = {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+        kw = dict(dtype=dtype, steps=1, lengths=lengths)
+        cold.append(_train_child(table, fw, kw, threads, env=env))
+        warm.append(_train_child(table, fw, kw, threads, env=env))
+        cache_mb = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache) for f in fs) / 2**20
+      print(f"  compile cache, round {r + 1}: {fw:12s} {dtype:9s} first step {cold[-1]['first_step_s']:.2f} s "
+            f"(empty cache) -> {warm[-1]['first_step_s']:.2f} s (warm)", file=sys.stderr, flush=True)
+    out.append({"framework": fw, "dtype": dtype, "empty_cache_first_step_s": min(x["first_step_s"] for x in cold),
+                "warm_cache_first_step_s": min(x["first_step_s"] for x in warm),
+                "empty_cache_launch_s": min(x["launch_to_first_step_s"] for x in cold),
+                "warm_cache_launch_s": min(x["launch_to_first_step_s"] for x in warm), "cache_mb": cache_mb})
+  return out
+
+
+def bench_sft(steps: int, rounds: int, dtypes, frameworks, threads: int, lengths: str = "fixed", tunix_path: str = "",
+              workdir: str = "", compile_cache: bool = True) -> tuple[list[dict], dict]:
+  """Rows per (framework, dtype) and notes (not installed / not available, ``compile``: the cache study)."""
+  frameworks = _check_frameworks(frameworks, {"jalign", "jalign-scan", "torch", "trl", "tunix"})
+  results, notes = _bench_train("RUNNERS", [(fw, d) for d in dtypes for fw in frameworks], rounds, threads, steps,
+                                lengths, tunix_path, workdir)
+  fpt = sft_flops_per_token(sft_sequences(steps + 1, lengths))
   rows = []
   for (fw, dtype), rs in results.items():
-    step = min(x["step_s"] for x in rs)  # best round: the machine's other load only ever slows a round down
-    tps = B * T / step
+    row = _best_row(fw, dtype, rs)
     ceiling = statistics.median(x["ceiling"] for x in rs)
-    rows.append({"framework": fw, "dtype": dtype, "tokens_per_sec": tps, "step_ms": step * 1e3,
-                 "first_step_s": min(x["first_step_s"] for x in rs),
-                 "peak_rss_mb": max(x["peak_rss_mb"] for x in rs), "mfu": fpt * tps / ceiling,
-                 "ceiling_gflops": ceiling / 1e9})
-  return rows
+    rows.append({**row, "mfu": fpt * row["tokens_per_sec"] / ceiling, "ceiling_gflops": ceiling / 1e9})
+  jalign_cells = [(fw, d) for d in dtypes for fw in frameworks if fw.startswith("jalign")]
+  notes["compile"] = compile_study("RUNNERS", jalign_cells, rounds, threads, lengths) if compile_cache else []
+  return rows, notes
 
 
-def bench_dpo(steps: int, rounds: int, frameworks, threads: int) -> list[dict]:
-  results = {}
-  for r in range(rounds):
-    for fw in frameworks:
-      res = _child(fw, "float32", steps, threads, table="DPO_RUNNERS")
-      results.setdefault(fw, []).append(res)
-      print(f"  round {r + 1}: {fw:7s} step {res['step_s'] * 1e3:7.1f} ms", file=sys.stderr, flush=True)
-  rows = []
-  tokens = B * 2 * (PROMPT + RESP)
-  for fw, rs in results.items():
-    step = min(x["step_s"] for x in rs)
-    rows.append({"framework": fw, "steps_per_sec": 1 / step, "tokens_per_sec": tokens / step, "step_ms": step * 1e3,
-                 "first_step_s": min(x["first_step_s"] for x in rs),
-                 "peak_rss_mb": max(x["peak_rss_mb"] for x in rs)})
-  return rows
+def bench_dpo(steps: int, rounds: int, frameworks, threads: int, lengths: str = "fixed", tunix_path: str = "",
+              workdir: str = "", compile_cache: bool = True) -> tuple[list[dict], dict]:
+  """Rows per framework (fp32) and notes, as ``bench_sft``; layouts jalign cannot build yet are left out with a
+  note before anything runs."""
+  frameworks = _check_frameworks(frameworks, set(DPO_RUNNERS) | set(JALIGN_VARIANTS))
+  notes_pre = {}
+  for fw in list(frameworks):
+    why = dpo_layout_missing(JALIGN_VARIANTS.get(fw, {}).get("layout", "padded"))
+    if why:
+      notes_pre[f"{fw} (float32)"] = why
+      frameworks.remove(fw)
+  results, notes = _bench_train("DPO_RUNNERS", [(fw, "float32") for fw in frameworks], rounds, threads, steps,
+                                lengths, tunix_path, workdir)
+  notes["not_available"].update(notes_pre)
+  rows = [_best_row(fw, dtype, rs) for (fw, dtype), rs in results.items()]
+  jalign_cells = [(fw, "float32") for fw in frameworks if fw in ("jalign", "jalign-scan")]
+  notes["compile"] = compile_study("DPO_RUNNERS", jalign_cells, rounds, threads, lengths) if compile_cache else []
+  return rows, notes
 
 
-def print_dpo_table(rows, anchor="torch"):
+def _ratio(r, ref) -> str:
+  return f"{r['tokens_per_sec'] / ref['tokens_per_sec']:.2f}x" if ref else "-"
+
+
+def print_dpo_table(rows, anchor="torch", second="tunix"):
+  has2 = any(r["framework"] == second for r in rows)
   ref = next((x for x in rows if x["framework"] == anchor), None)
-  print(f"| framework | steps/s | tokens/s (chosen + rejected) | step (ms) | first step (s) | peak RSS (MB) "
-        f"| vs {anchor} |")
-  print("|---|---|---|---|---|---|---|")
+  ref2 = next((x for x in rows if x["framework"] == second), None)
+  print(f"| framework | steps/s | real tokens/s | step (ms) | fed tokens / step | fed / real | first step (s) "
+        f"| launch to first step (s) | peak RSS (MB) | vs {anchor} |" + (f" vs {second} |" if has2 else ""))
+  print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if has2 else ""))
   for r in rows:
-    ratio = f"{r['tokens_per_sec'] / ref['tokens_per_sec']:.2f}x" if ref else "-"
     print(f"| {r['framework']} | {r['steps_per_sec']:.2f} | {r['tokens_per_sec']:.0f} | {r['step_ms']:.0f} | "
-          f"{r['first_step_s']:.2f} | {r['peak_rss_mb']:.0f} | {ratio} |")
+          f"{r['fed_tokens']:.0f} | {r['fed_tokens'] / r['real_tokens']:.2f}x | {r['first_step_s']:.2f} | "
+          f"{r['launch_to_first_step_s']:.2f} | {r['peak_rss_mb']:.0f} | {_ratio(r, ref)} |"
+          + (f" {_ratio(r, ref2)} |" if has2 else ""))
 
 
 def print_table(rows, anchor="torch"):
-  print(f"| framework | dtype | tokens/s | step (ms) | first step (s) | peak RSS (MB) | matmul ceiling (GFLOP/s) "
-        f"| MFU | vs {anchor} |")
-  print("|---|---|---|---|---|---|---|---|---|")
+  print(f"| framework | dtype | real tokens/s | step (ms) | fed / real | first step (s) | launch to first step (s) "
+        f"| peak RSS (MB) | matmul ceiling (GFLOP/s) | MFU | vs {anchor} |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     ref = next((x for x in rows if x["framework"] == anchor and x["dtype"] == r["dtype"]), None)
-    ratio = f"{r['tokens_per_sec'] / ref['tokens_per_sec']:.2f}x" if ref else "-"
     print(f"| {r['framework']} | {r['dtype']} | {r['tokens_per_sec']:.0f} | {r['step_ms']:.1f} | "
-          f"{r['first_step_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['ceiling_gflops']:.0f} | {r['mfu']:.1%} | {ratio} |")
+          f"{r['fed_tokens'] / r['real_tokens']:.2f}x | {r['first_step_s']:.2f} | {r['launch_to_first_step_s']:.2f} | "
+          f"{r['peak_rss_mb']:.0f} | {r['ceiling_gflops']:.0f} | {r['mfu']:.1%} | {_ratio(r, ref)} |")
+
+
+def print_compile_table(rows, study):
+  """jalign's variants: step time and first step without a cache (from ``rows``), with an empty and with a warm
+  persistent compilation cache (``study``)."""
+  print("| jalign variant | dtype | step (ms) | first step (s) | first step, empty cache (s) | first step, warm cache "
+        "(s) | launch to first step, warm cache (s) | cache (MB) |")
+  print("|---|---|---|---|---|---|---|---|")
+  for s in study:
+    r = next((x for x in rows if x["framework"] == s["framework"] and x["dtype"] == s["dtype"]), None)
+    step, first = (f"{r['step_ms']:.0f}", f"{r['first_step_s']:.2f}") if r else ("-", "-")
+    print(f"| {s['framework']} | {s['dtype']} | {step} | {first} | {s['empty_cache_first_step_s']:.2f} | "
+          f"{s['warm_cache_first_step_s']:.2f} | {s['warm_cache_launch_s']:.2f} | {s['cache_mb']:.1f} |")
+
+
+TRAIN_OPTIONS = {
+    "jalign": "jax.jit(trainer.make_train_step(...)), donated state, base AdamW config (lr 3e-4, b2 0.98, wd 0.01 "
+              "except norms, clip 1.0); layers unrolled (model.scan_unroll = num_layers); batches padded to "
+              "data.max_seq_len",
+    "jalign-scan": "as jalign with model.scan_unroll=1 (one scanned layer body)",
+    "jalign-packed": "as jalign, data.packing: each step's pairs first-fit into rows of 2 x max_seq_len",
+    "jalign-shared": "as jalign, data.shared_prompt: [prompt, chosen, rejected] in one row (branch ids)",
+    "jalign-packed+shared": "as jalign, data.packing and data.shared_prompt",
+    "torch": "plain loop, sdpa attention, AdamW(lr 3e-4, betas (0.9, 0.98), wd 0.01), clip 1.0; batches padded to "
+             "their longest row",
+    "trl": "SFTTrainer / DPOTrainer, use_cpu, sequential sampler, constant lr 3e-4, b2 0.98, wd 0.01, clip 1.0, no "
+           "gradient checkpointing; its collator pads to the batch's longest",
+    "tunix": "PeftTrainer (full fine-tuning) / DPOTrainer, 1-device CPU mesh, fp32, optax clip 1.0 + adamw(3e-4, "
+             "b2 0.98, wd 0.01), default TrainingConfig; pre-tokenised inputs padded to the fixed max lengths",
+}
+
+
+def _print_train_notes(rows, notes):
+  if notes.get("compile"):
+    print("\njalign compile time (persistent compilation cache: a second process with the same shapes):")
+    print_compile_table(rows, notes["compile"])
+  for fw, why in notes["not_installed"].items():
+    print(f"\n{fw}: not installed ({why})")
+  for fw, why in notes["not_available"].items():
+    print(f"\n{fw}: {why}")
+  shown = {r["framework"] for r in rows}
+  print("\noptions:")
+  for fw in TRAIN_OPTIONS:
+    if fw in shown:
+      print(f"- {fw}: {TRAIN_OPTIONS[fw]}")
 
 
 def bench_serve(requests: int, new_tokens: int, slots: int, checkpoint: str = "") -> list[dict]:
@@ -1185,28 +1693,42 @@ def bench_rl_main(a):
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m jalign.bench", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("which", choices=["sft", "dpo", "generate", "serve", "convert", "rl", "ppo"])
+  p.add_argument("which", choices=["sft", "dpo", "generate", "serve", "convert", "rl", "ppo", "kernels"])
   p.add_argument("--steps", type=int, default=None, help="timed steps per run (after one compile step; default 10, "
                  "rl/ppo: 5)")
   p.add_argument("--rounds", type=int, default=3, help="alternating rounds per framework; the best is reported")
   p.add_argument("--dtypes", default="float32,bfloat16")
-  p.add_argument("--frameworks", default="", help="sft/dpo: jalign,torch,trl (default); generate: "
-                 "jalign,transformers,tunix (default); rl: jalign,trl,tunix (default; tunix only with --tunix-path)")
+  p.add_argument("--frameworks", default="", help=f"sft: {SFT_FRAMEWORKS} (default); dpo: {DPO_FRAMEWORKS} "
+                 "(default); generate: jalign,transformers,tunix (default); rl: jalign,trl,tunix (default; tunix only "
+                 "with --tunix-path)")
+  p.add_argument("--lengths", choices=LENGTHS, default="fixed", help="sft/dpo: fixed (dpo: 64-token prompts, 192-token "
+                 f"responses; sft: {T}-token rows) or mixed (prompt {MIXED_PROMPT[0]}..{MIXED_PROMPT[1]}, responses "
+                 f"{MIXED_RESP[0]}..{MIXED_RESP[1]} tokens, seeded; sft: prompt + chosen)")
+  p.add_argument("--compile-cache", action=argparse.BooleanOptionalAction, default=True,
+                 help="sft/dpo: also time jalign's first step with a warm persistent compilation cache")
   p.add_argument("--batches", default="1,32", help="generate: batch sizes")
   p.add_argument("--new-tokens", type=int, default=None, help=f"generate/serve: new tokens per row (default "
                  f"{GEN_NEW}); rl/ppo: new tokens per sample (default {RL_NEW})")
   p.add_argument("--prompt-len", type=int, default=GEN_PROMPT, help="generate, rl/ppo: prompt tokens per row")
   p.add_argument("--reps", type=int, default=3, help="generate: timed calls per cell (median) after a warm-up")
   p.add_argument("--tunix-path", default=os.environ.get("JALIGN_BENCH_TUNIX_PATH", ""),
-                 help="generate, rl: a directory holding Tunix installed aside (pip install --target), put on "
-                 "PYTHONPATH of the Tunix process only")
+                 help="sft, dpo, generate, rl: a directory holding Tunix installed aside (pip install --target), "
+                 "put on PYTHONPATH of the Tunix process only")
   p.add_argument("--requests", type=int, default=64, help="serve: chat requests per mode")
   p.add_argument("--slots", type=int, default=64, help="serve: the server's decode slots")
   p.add_argument("--threads", type=int, default=os.cpu_count())
   p.add_argument("--json", default="", help="also write the rows to this file")
-  p.add_argument("--workdir", default="", help="convert/generate/rl/ppo: where to write the synthetic checkpoints "
-                 "(temp dir)")
+  p.add_argument("--workdir", default="", help="convert/generate/rl/ppo/sft/dpo: where to write the synthetic "
+                 "checkpoints (temp dir)")
   a = p.parse_args(argv)
+  if a.which == "kernels":
+    from jalign import bench_kernels
+    out = bench_kernels.run()
+    bench_kernels.print_tables(out)
+    if a.json:
+      with open(a.json, "w") as f:
+        json.dump(out, f, indent=2)
+    return
   if a.which in ("rl", "ppo"):
     bench_rl_main(a)
     return
@@ -1247,12 +1769,15 @@ def main(argv=None):
       with open(a.json, "w") as f:
         json.dump({"rows": rows, "notes": notes}, f, indent=2)
     return
-  a.frameworks = a.frameworks or "jalign,torch,trl"
   if a.which == "dpo":
-    print(f"jalign.bench dpo: {B} pairs of {PROMPT}-token prompts + {RESP}-token responses, arch={ARCH}, fp32, "
-          f"threads={a.threads} steps={a.steps} rounds={a.rounds}", file=sys.stderr)
-    rows = bench_dpo(a.steps, a.rounds, a.frameworks.split(","), a.threads)
+    frameworks = (a.frameworks or DPO_FRAMEWORKS).split(",")
+    P, R = max_lengths(a.lengths)
+    print(f"jalign.bench dpo: {B} pairs, --lengths {a.lengths} (prompts up to {P}, responses up to {R} tokens), "
+          f"arch={ARCH}, fp32, threads={a.threads} steps={a.steps} rounds={a.rounds}", file=sys.stderr)
+    rows, notes = bench_dpo(a.steps, a.rounds, frameworks, a.threads, a.lengths, a.tunix_path, a.workdir,
+                            a.compile_cache)
     print_dpo_table(rows)
+    _print_train_notes(rows, notes)
     mem = logprob_memory()
     print(f"\nlog-prob computation at vocab 128256, hidden 2048, 16 rows x {PROMPT + RESP} tokens (fp32 logits "
           f"{mem['logits_mb']:.0f} MB), XLA memory_analysis:")
@@ -1265,15 +1790,18 @@ def main(argv=None):
               f"{v['output_mb']:.0f} |")
     if a.json:
       with open(a.json, "w") as f:
-        json.dump({"rows": rows, "logprob_memory": mem}, f, indent=2)
+        json.dump({"lengths": a.lengths, "rows": rows, "notes": notes, "logprob_memory": mem}, f, indent=2)
     return
-  print(f"jalign.bench sft: B={B} T={T} arch={ARCH} threads={a.threads} steps={a.steps} rounds={a.rounds}",
-        file=sys.stderr)
-  rows = bench_sft(a.steps, a.rounds, a.dtypes.split(","), a.frameworks.split(","), a.threads)
+  frameworks = (a.frameworks or SFT_FRAMEWORKS).split(",")
+  print(f"jalign.bench sft: B={B}, --lengths {a.lengths} (rows up to {sft_max_len(a.lengths)} tokens), arch={ARCH}, "
+        f"threads={a.threads} steps={a.steps} rounds={a.rounds}", file=sys.stderr)
+  rows, notes = bench_sft(a.steps, a.rounds, a.dtypes.split(","), frameworks, a.threads, a.lengths, a.tunix_path,
+                          a.workdir, a.compile_cache)
   print_table(rows)
+  _print_train_notes(rows, notes)
   if a.json:
     with open(a.json, "w") as f:
-      json.dump(rows, f, indent=2)
+      json.dump({"lengths": a.lengths, "rows": rows, "notes": notes}, f, indent=2)
 
 
 if __name__ == "__main__":

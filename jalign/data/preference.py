@@ -494,7 +494,8 @@ def pair_rows(seqs: list[tuple[Example, ...]], values: dict, data_cfg, pad_id: i
   Padded (default): [N, 2, T] ``tokens``, ``loss_mask``, ``segment_ids`` (single sequences: [N, T] ``tokens``,
   ``segment_ids``) and the values [N, ...]. ``data.packing`` / ``data.shared_prompt``: ``pack_pairs`` rows of
   G x T tokens (G sequences per pair, T = ``data.max_seq_len``: any pair the loaders admit fits), several pairs
-  per row with packing, one without; ``pair_valid`` and the values per slot, [rows, P, ...]."""
+  per row with packing, one without (then the rows are cut to the longest one, rounded up to ``ROW_MULTIPLE``:
+  a shared prompt shortens every row); ``pair_valid`` and the values per slot, [rows, P, ...]."""
   T = data_cfg.max_seq_len
   if not (data_cfg.packing or data_cfg.shared_prompt):
     rows = (stack_pairs(seqs, T, pad_id) if len(seqs[0]) == 2 else stack_single([g[0] for g in seqs], T, pad_id))
@@ -502,15 +503,21 @@ def pair_rows(seqs: list[tuple[Example, ...]], values: dict, data_cfg, pad_id: i
   rows = pack_pairs(seqs, len(seqs[0]) * T, pad_id, shared_prompt=data_cfg.shared_prompt,
                     max_pairs=0 if data_cfg.packing else 1, share_trained=share_trained)
   index = rows.pop("pair_index")
+  if not data_cfg.packing:
+    used = int(np.max(np.nonzero(np.any(rows["segment_ids"] > 0, axis=0))[0], initial=0)) + 1
+    L = min(-(-used // ROW_MULTIPLE) * ROW_MULTIPLE, rows["tokens"].shape[1])
+    rows = {k: v[:, :L] for k, v in rows.items()}
   return {**rows, "pair_valid": index >= 0, **{k: slot_values(index, v) for k, v in values.items()}}
 
 
 TOKEN_KEYS = ("tokens", "loss_mask", "segment_ids", "positions", "branch_ids")
+ROW_MULTIPLE = 64  # unpacked shared-prompt rows: their length rounded up to this (few distinct shapes)
 
 
 def match_slots(*row_sets) -> list[dict]:
-  """Packed row sets (train, eval) widened to the same number of pair slots P (the new slots empty), so that one
-  compiled step takes them all."""
+  """Packed row sets (train, eval) widened to the same number of pair slots P (the new slots empty) and the same
+  row length (padding: segment 0), so that one compiled step takes them all."""
   P = max(r["pair_valid"].shape[1] for r in row_sets)
-  return [{k: v if k in TOKEN_KEYS else np.pad(v, [(0, 0), (0, P - v.shape[1])] + [(0, 0)] * (v.ndim - 2))
+  L = max(r["tokens"].shape[1] for r in row_sets)
+  return [{k: np.pad(v, [(0, 0), (0, (L if k in TOKEN_KEYS else P) - v.shape[1])] + [(0, 0)] * (v.ndim - 2))
            for k, v in r.items()} for r in row_sets]
