@@ -1,7 +1,8 @@
 """Benchmarks that compare jalign with a reference in the same run.
 
   python -m jalign.bench sft [--steps 10] [--rounds 3] [--dtypes float32,bfloat16] [--lengths fixed|mixed]
-                             [--frameworks jalign,jalign-scan,torch,trl,tunix] [--tunix-path DIR] [--no-compile-cache]
+                             [--frameworks jalign,jalign-scan,jalign-packed,torch,trl,tunix] [--tunix-path DIR]
+                             [--no-compile-cache]
   python -m jalign.bench dpo [--steps 10] [--rounds 3] [--lengths fixed|mixed] [--tunix-path DIR] [--no-compile-cache]
                              [--frameworks jalign,jalign-scan,jalign-packed,jalign-shared,jalign-packed+shared,
                                            torch,trl,tunix]
@@ -107,7 +108,7 @@ DPO_LAYOUTS = ("padded", "packed", "shared", "packed+shared")
 # framework names: the jalign variants are one runner with options
 JALIGN_VARIANTS = {"jalign": {}, "jalign-scan": {"scan_unroll": 1}, "jalign-packed": {"layout": "packed"},
                    "jalign-shared": {"layout": "shared"}, "jalign-packed+shared": {"layout": "packed+shared"}}
-SFT_FRAMEWORKS = "jalign,jalign-scan,torch,trl,tunix"
+SFT_FRAMEWORKS = "jalign,jalign-scan,jalign-packed,torch,trl,tunix"
 DPO_FRAMEWORKS = "jalign,jalign-scan,jalign-packed,jalign-shared,jalign-packed+shared,torch,trl,tunix"
 LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 3e-4, (0.9, 0.98), 1e-8, 0.01, 1.0  # jalign's base optim config
 _T_IMPORT = time.time()
@@ -272,9 +273,11 @@ def _jalign_loop(step, state, batches, real) -> dict:
 
 
 def run_jalign(dtype: str = "float32", steps: int = 10, lengths: str = "fixed", scan_unroll: int = 0,
-               arch=None) -> dict:
+               arch=None, layout: str = "padded") -> dict:
   """jalign's SFT train step (``sft.loss_fn`` in ``trainer.make_train_step``, the base AdamW config), batches
-  padded to ``data.max_seq_len`` as jalign's SFT pipeline pads them (``data.build_rows``, packing off).
+  padded to ``data.max_seq_len`` as jalign's SFT pipeline pads them (``data.build_rows``, packing off), or with
+  ``layout="packed"`` packed into rows of that length (``data.packing``; each step's sequences on their own, every
+  step padded with empty rows to the most rows any step needs).
   ``scan_unroll``: layers unrolled per scan step (0: all of them, a straight-line program; 1: a scanned layer)."""
   import jax
 
@@ -289,7 +292,11 @@ def run_jalign(dtype: str = "float32", steps: int = 10, lengths: str = "fixed", 
                  donate_argnums=(0,))
   seqs = sft_sequences(steps + 1, lengths)
   batches = [build_rows([Example(s, np.ones(len(s), bool)) for s in st], sft_max_len(lengths), arch["vocab_size"] - 1,
-                        packing=False) for st in seqs]
+                        packing=layout == "packed") for st in seqs]
+  n = max(len(b["tokens"]) for b in batches)
+  batches = [{k: np.pad(v, [(0, n - len(v))] + [(0, 0)] * (v.ndim - 1),
+                        constant_values=arch["vocab_size"] - 1 if k == "tokens" else 0) for k, v in b.items()}
+             for b in batches]
   res = _jalign_loop(step, state, batches, [sft_real_tokens(s) for s in seqs])
   return {**res, "ceiling": _jax_ceiling(dtype)}  # measured after the run: not in its launch time
 
@@ -1503,7 +1510,7 @@ def compile_study(table: str, cells, rounds: int, threads: int, lengths: str) ->
 def bench_sft(steps: int, rounds: int, dtypes, frameworks, threads: int, lengths: str = "fixed", tunix_path: str = "",
               workdir: str = "", compile_cache: bool = True) -> tuple[list[dict], dict]:
   """Rows per (framework, dtype) and notes (not installed / not available, ``compile``: the cache study)."""
-  frameworks = _check_frameworks(frameworks, {"jalign", "jalign-scan", "torch", "trl", "tunix"})
+  frameworks = _check_frameworks(frameworks, {"jalign", "jalign-scan", "jalign-packed", "torch", "trl", "tunix"})
   results, notes = _bench_train("RUNNERS", [(fw, d) for d in dtypes for fw in frameworks], rounds, threads, steps,
                                 lengths, tunix_path, workdir)
   fpt = sft_flops_per_token(sft_sequences(steps + 1, lengths))
@@ -1512,7 +1519,7 @@ def bench_sft(steps: int, rounds: int, dtypes, frameworks, threads: int, lengths
     row = _best_row(fw, dtype, rs)
     ceiling = statistics.median(x["ceiling"] for x in rs)
     rows.append({**row, "mfu": fpt * row["tokens_per_sec"] / ceiling, "ceiling_gflops": ceiling / 1e9})
-  jalign_cells = [(fw, d) for d in dtypes for fw in frameworks if fw.startswith("jalign")]
+  jalign_cells = [(fw, d) for d in dtypes for fw in frameworks if fw in ("jalign", "jalign-scan")]
   notes["compile"] = compile_study("RUNNERS", jalign_cells, rounds, threads, lengths) if compile_cache else []
   return rows, notes
 
@@ -1584,7 +1591,8 @@ TRAIN_OPTIONS = {
               "except norms, clip 1.0); layers unrolled (model.scan_unroll = num_layers); batches padded to "
               "data.max_seq_len",
     "jalign-scan": "as jalign with model.scan_unroll=1 (one scanned layer body)",
-    "jalign-packed": "as jalign, data.packing: each step's pairs first-fit into rows of 2 x max_seq_len",
+    "jalign-packed": "as jalign, data.packing: each step's sequences (dpo: pairs, in rows of 2 x max_seq_len) "
+                     "packed first-fit-decreasing",
     "jalign-shared": "as jalign, data.shared_prompt: [prompt, chosen, rejected] in one row (branch ids)",
     "jalign-packed+shared": "as jalign, data.packing and data.shared_prompt",
     "torch": "plain loop, sdpa attention, AdamW(lr 3e-4, betas (0.9, 0.98), wd 0.01), clip 1.0; batches padded to "
