@@ -16,3 +16,17 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 os.chdir(ROOT)  # configs refer to examples/ relative to the repository root
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: a full quickstart run (minutes); runs with JALIGN_SLOW_TESTS=1")
+
+
+def pytest_collection_modifyitems(config, items):
+  if os.environ.get("JALIGN_SLOW_TESTS", "0") not in ("", "0"):
+    return
+  import pytest
+  skip = pytest.mark.skip(reason="a full quickstart run: set JALIGN_SLOW_TESTS=1")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)
