@@ -21,7 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .attention_ops import attention_reference
-from .flash_attention import MASK_VALUE
+from .flash_attention import MASK_VALUE, online_softmax_step
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 
@@ -44,12 +44,7 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, windo
     v = plgpu.load(v_ref.at[pl.ds(j * block_s, block_s), :], mask=read, other=0)
     s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale   # [Gp, block_s]
     s = jnp.where(live[None, :], s, MASK_VALUE)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    p = jnp.exp(s - m_new[:, None])
-    alpha = jnp.exp(m - m_new)
-    l = alpha * l + jnp.sum(p, axis=1)
-    acc = alpha[:, None] * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return acc, m_new, l
+    return online_softmax_step(acc, m, l, s, v)
 
   rows = q.shape[0]
   init = (jnp.zeros(q.shape, jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32))

@@ -91,6 +91,18 @@ def _load_ids(refs, sl=...):
   return tuple(None if r is None else r[sl] for r in refs)
 
 
+def online_softmax_step(acc, m, l, s, v):
+  """One key block of the online softmax: (acc, running max m, running sum l) updated with masked scores
+  s [rows, block] and values v [block, D]. While a row has seen only masked keys, m == MASK_VALUE and p == 1; the
+  first visible key rescales that sum by exp(MASK_VALUE - m) == 0."""
+  m_new = jnp.maximum(m, jnp.max(s, axis=1))
+  p = jnp.exp(s - m_new[:, None])
+  alpha = jnp.exp(m - m_new)
+  l = alpha * l + jnp.sum(p, axis=1)
+  acc = alpha[:, None] * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return acc, m_new, l
+
+
 def _fwd_kernel(lo_ref, hi_ref, q_seg_ref, q_pos_ref, q_br_ref, kv_seg_ref, kv_pos_ref, kv_br_ref, q_ref, k_ref,
                 v_ref, o_ref, lse_ref, *, cfg):
   bk = cfg.block_k
@@ -104,14 +116,7 @@ def _fwd_kernel(lo_ref, hi_ref, q_seg_ref, q_pos_ref, q_br_ref, kv_seg_ref, kv_p
     v = v_ref[ks, :]
     s = _scores(cfg, q, k_ref[ks, :])
     s = jnp.where(_mask(cfg, q_seg, kv_seg, q_pos, kv_pos, q_br, kv_br), s, MASK_VALUE)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    # while a row has seen only masked keys, m_new == MASK_VALUE and p == 1; the first visible key rescales that
-    # sum by exp(MASK_VALUE - m) == 0.
-    p = jnp.exp(s - m_new[:, None])
-    alpha = jnp.exp(m - m_new)
-    l = alpha * l + jnp.sum(p, axis=1)
-    acc = alpha[:, None] * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return acc, m_new, l
+    return online_softmax_step(acc, m, l, s, v)
 
   bq, d = q.shape
   init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32))
