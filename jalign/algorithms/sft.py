@@ -27,7 +27,7 @@ def loss_fn(params, batch, model_cfg, rng=None):
                                     segment_ids_BT=batch["segment_ids"], dropout_rng=rng)
   mask_BT = target_mask(batch)
   metrics = {}
-  if model_cfg.logprob_impl == "xla" and not model_cfg.logprob_chunk:
+  if transformer.logprob_path(model_cfg) == "xla":
     logits_BTV = transformer.logits_from_hidden(params, h_BTD, model_cfg)
     logp_BT = transformer.token_logprobs(logits_BTV, batch["tokens"])
     correct = (jnp.argmax(logits_BTV, axis=-1) == jnp.roll(batch["tokens"], -1, axis=1))[:, :-1]

@@ -413,6 +413,12 @@ LOGPROB_IMPLS = ("xla", "chunked", "pallas")
 DEFAULT_CHUNK = 128  # positions per chunk for logprob_impl=chunked without model.logprob_chunk
 
 
+def logprob_path(cfg: ModelConfig) -> str:
+  """The log-prob implementation ``cfg`` runs: ``logprob_impl``, with ``xla`` meaning ``chunked`` when
+  ``logprob_chunk`` > 0."""
+  return "chunked" if cfg.logprob_impl == "xla" and cfg.logprob_chunk else cfg.logprob_impl
+
+
 def target_logprobs(params, h_BTD, targets_BT, cfg: ModelConfig, *, temperature: float = 1.0,
                     with_entropy: bool = False):
   """log p(targets_BT | h_BTD) [B, T] float32 of ``softmax(logits / temperature)`` (and its entropy with
@@ -422,7 +428,7 @@ def target_logprobs(params, h_BTD, targets_BT, cfg: ModelConfig, *, temperature:
   reference and one warning)."""
   B, T, D = h_BTD.shape
   w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-  impl = "chunked" if cfg.logprob_impl == "xla" and cfg.logprob_chunk else cfg.logprob_impl
+  impl = logprob_path(cfg)
   if impl == "pallas":
     from jalign.kernels import logprob as fused
     interpret = kernels.interpret_mode()
