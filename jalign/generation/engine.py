@@ -58,10 +58,15 @@ def stop_table(stop_ids, stop_sequences, width=8):
   return ids, seqs
 
 
-def _row_keys(seed_B, sample_B, n_B):
-  """Row b's key for its n-th token: from its request seed and its sample index (n samples of a prompt differ)."""
-  key = lambda s, j, n: jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s), j), n)
-  return jax.vmap(key)(seed_B, sample_B, n_B)
+def _base_keys(seed_B, sample_B):
+  """Row b's stream [B, 2] (uint32): from its request seed and its sample index (n samples of a prompt differ);
+  computed once at prefill."""
+  return jax.vmap(lambda s, j: jax.random.fold_in(jax.random.PRNGKey(s), j))(seed_B, sample_B)
+
+
+def _row_keys(st):
+  """Each row's key for its n-th token."""
+  return jax.vmap(jax.random.fold_in)(st["key_B"], st["n_B"])
 
 
 def _sampler(cfg):
@@ -80,13 +85,16 @@ def _sampler(cfg):
 def _sample(logits_BV, st, k_cap, cfg):
   B, V = logits_BV.shape
   ids_BN = st["stop_ids"]
-  early_B = st["n_B"] < st["min_tokens"]
-  banned_BV = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], jnp.where(early_B[:, None] & (ids_BN >= 0),
-                                                                            ids_BN, V)].set(True, mode="drop")
-  return _sampler(cfg)(logits_BV, _row_keys(st["seed_B"], st["sample_B"], st["n_B"]),
-                       temperature_B=st["temperature"], top_k_B=st["top_k"], top_p_B=st["top_p"],
-                       min_p_B=st["min_p"], k_cap=k_cap, penalty_B=st["repetition_penalty"], seen_BV=st["seen_BV"],
-                       banned_BV=banned_BV)
+  ban_BN = (st["n_B"] < st["min_tokens"])[:, None] & (ids_BN >= 0)  # stop tokens before min_tokens
+  banned_BV = jax.lax.cond(  # built only on steps where some row bans something
+      jnp.any(ban_BN), lambda: jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], jnp.where(ban_BN, ids_BN, V)].set(
+          True, mode="drop"), lambda: jnp.zeros((B, V), bool))
+  sampler = _sampler(cfg)
+  kw = dict(temperature_B=st["temperature"], top_k_B=st["top_k"], top_p_B=st["top_p"], min_p_B=st["min_p"],
+            k_cap=k_cap, penalty_B=st["repetition_penalty"], seen_BV=st["seen_BV"], banned_BV=banned_BV)
+  if sampler is sampling.sample:  # keys derived only when some row samples: a greedy step draws no random bits
+    return sampler(logits_BV, lambda: _row_keys(st), any_banned=jnp.any(ban_BN), **kw)
+  return sampler(logits_BV, _row_keys(st), **kw)
 
 
 def _accept(st, token_B, logp_B):
@@ -133,10 +141,11 @@ def prefill(params, tokens_BP, len_B, rows, *, cfg, n: int, max_new: int, k_cap:
   seen_BV = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], jnp.where(valid_BP, tokens_BP, V)].set(
       True, mode="drop")
   tokens_BS = jnp.where(valid_BP, tokens_BP, 0)
-  st = {"cache": {k: sharding.constrain(rep(c, 1), transformer.CACHE_AXES) for k, c in cache.items()},
+  st = {"cache": jax.tree.map(lambda c: sharding.constrain(rep(c), transformer.CACHE_AXES), cache),
         "tokens_BS": rep(jnp.pad(tokens_BS, ((0, 0), (0, S - P)))), "len_B": rep(len_B.astype(jnp.int32)),
         "n_B": jnp.zeros(B * n, jnp.int32), "done_B": jnp.zeros(B * n, bool), "finished_B": jnp.zeros(B * n, bool),
-        "logp_BN": jnp.zeros((B * n, max_new), jnp.float32), "seen_BV": rep(seen_BV), **rows}
+        "logp_BN": jnp.zeros((B * n, max_new), jnp.float32), "seen_BV": rep(seen_BV), **rows,
+        "key_B": _base_keys(rows["seed_B"], rows["sample_B"])}
   token_B, logp_B = _sample(rep(logits_BV), st, k_cap, cfg)
   return _accept(st, token_B, logp_B)
 
@@ -154,6 +163,7 @@ def decode_step(params, cfg, st, *, k_cap: int):
 
 def decode(params, cfg, st, *, k_cap: int, max_steps: int):
   """Decode until every row is done (or ``max_steps``): one while_loop, no host sync per token."""
+  params = transformer.unstack_layers(params)
   def cond(c):
     i, s = c
     return (i < max_steps) & ~jnp.all(s["done_B"])
@@ -259,6 +269,7 @@ class Engine:
 
 def decode_chunk(params, cfg, st, *, k_cap: int, steps: int):
   """``steps`` decode steps (rows already done stay as they are): what a server runs between admissions."""
+  params = transformer.unstack_layers(params)
   return jax.lax.fori_loop(0, steps, lambda _, s: decode_step(params, cfg, s, k_cap=k_cap), st)
 
 
@@ -266,8 +277,7 @@ def insert(st, row, slot):
   """Put the one-row state ``row`` (from ``prefill`` with B = 1) into row ``slot`` of the batch state ``st``."""
   def put(big, small, axis):
     return jax.lax.dynamic_update_index_in_dim(big, small, slot, axis)
-  cache = {k: put(st["cache"][k], row["cache"][k], 1) for k in st["cache"]}
-  return {**{k: put(v, row[k], 0) for k, v in st.items() if k != "cache"}, "cache": cache}
+  return jax.tree.map(lambda big, small: put(big, small, 0), st, row)
 
 
 class Slots:

@@ -61,11 +61,12 @@ def draw_from(weights_BV, keys_B):
 
 
 def sample(logits_BV, keys_B, *, temperature_B, top_k_B, top_p_B, min_p_B, k_cap: int, penalty_B=None,
-           seen_BV=None, banned_BV=None):
+           seen_BV=None, banned_BV=None, any_banned=None):
   """(token_B, logprob_B): greedy where temperature <= 0, else a draw from the truncated, temperature-scaled
   distribution. The repetition penalty (``seen_BV``) changes the choice, not the returned log-prob. Truncation
   order: top-k, then top-p and min-p on the renormalised top-k set (as transformers and vLLM). ``banned_BV``
-  (e.g. stop tokens before ``min_tokens``) are never chosen."""
+  (e.g. stop tokens before ``min_tokens``) are never chosen; ``any_banned``, when given, says whether any is.
+  ``keys_B``: the per-row keys, or a function returning them (called only when some row samples)."""
   logits_BV = logits_BV.astype(jnp.float32)
   inv_t_B = 1.0 / jnp.where(temperature_B <= 0, 1.0, temperature_B)
   logp_BV = jax.nn.log_softmax(logits_BV * inv_t_B[:, None], axis=-1)
@@ -74,7 +75,8 @@ def sample(logits_BV, keys_B, *, temperature_B, top_k_B, top_p_B, min_p_B, k_cap
                              lambda: apply_repetition_penalty(logits_BV, seen_BV, penalty_B), lambda: logits_BV)
   scaled_BV = logits_BV * inv_t_B[:, None]
   if banned_BV is not None:
-    scaled_BV = jax.lax.cond(jnp.any(banned_BV), lambda: jnp.where(banned_BV, NEG_INF, scaled_BV),
+    scaled_BV = jax.lax.cond(jnp.any(banned_BV) if any_banned is None else any_banned,
+                             lambda: jnp.where(banned_BV, NEG_INF, scaled_BV),
                              lambda: scaled_BV)
   greedy_B = argmax(scaled_BV)
 
@@ -86,7 +88,7 @@ def sample(logits_BV, keys_B, *, temperature_B, top_k_B, top_p_B, min_p_B, k_cap
     probs_BV = jax.nn.softmax(jnp.where(mask_BV, scaled_BV, NEG_INF), axis=-1)
     mask_BV &= jax.lax.cond(jnp.any(top_p_B < 1), lambda: top_p_mask(probs_BV, top_p_B), ones)
     mask_BV &= probs_BV >= (min_p_B * jnp.max(probs_BV, axis=-1))[:, None]
-    drawn_B = draw_from(jnp.where(mask_BV, probs_BV, 0.0), keys_B)
+    drawn_B = draw_from(jnp.where(mask_BV, probs_BV, 0.0), keys_B() if callable(keys_B) else keys_B)
     return jnp.where(temperature_B <= 0, greedy_B, drawn_B).astype(jnp.int32)
 
   token_B = jax.lax.cond(jnp.all(temperature_B <= 0), lambda: greedy_B, draw)

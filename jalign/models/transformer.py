@@ -277,22 +277,34 @@ def _proj(names, x, layer, lora, cfg, dt, drop_key):
   return ys
 
 
-CACHE_AXES = ("layers", "batch", "act_kv_heads", None, None)
+CACHE_AXES = ("batch", "act_kv_heads", None, None)
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
-  """KV cache ``{"k", "v": [layers, batch, kv_heads, length, head_dim]}`` in the compute dtype (heads before
-  slots: the attention matmuls read it without a transposed copy); slot s of a row holds the keys/values of the
-  token at position s."""
-  shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.dh)
-  return {n: sharding.constrain(jnp.zeros(shape, cfg.dtype), CACHE_AXES) for n in ("k", "v")}
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple:
+  """KV cache: one ``{"k", "v": [batch, kv_heads, length, head_dim]}`` per layer, in the compute dtype (heads
+  before slots: the attention matmuls read it without a transposed copy); slot s of a row holds the keys/values
+  of the token at position s. A buffer per layer, not one stacked array: XLA updates each in place inside the
+  decode loop, where writing one layer of a stacked cache and reading it back copies the whole cache."""
+  shape = (batch, cfg.num_kv_heads, length, cfg.dh)
+  return tuple({n: sharding.constrain(jnp.zeros(shape, cfg.dtype), CACHE_AXES) for n in ("k", "v")}
+               for _ in range(cfg.num_layers))
+
+
+def unstack_layers(params) -> dict:
+  """``params`` with the stacked ``layers`` (and ``lora``) as lists of per-layer trees: sliced once before a
+  decode loop, so its body does not slice the weights at every step."""
+  out = dict(params)
+  for key in ("layers", "lora"):
+    if isinstance(params.get(key), dict):
+      n = jax.tree.leaves(params[key])[0].shape[0]
+      out[key] = [jax.tree.map(lambda w, i=i: w[i], params[key]) for i in range(n)]
+  return out
 
 
 def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids_BT, drop_key, kv=None,
            branch_ids_BT=None):
-  """One layer. ``kv = (cache, layer_index)``: write this layer's keys/values at slots ``positions_BT`` of the
-  cache and attend over all of its slots (the causal mask on positions hides the slots not yet written);
-  returns (x, cache) then."""
+  """One layer. ``kv``: this layer's cache; write its keys/values at slots ``positions_BT`` and attend over all of
+  its slots (the causal mask on positions hides the slots not yet written); returns (x, kv) then."""
   dt = jnp.dtype(cfg.dtype)
   h = rms_norm(x_BTD, layer["attn_norm"], cfg.rms_norm_eps, cfg.norm_offset)
   q, k, v = _proj(("q", "k", "v"), h, layer, lora, cfg, dt, drop_key)
@@ -303,13 +315,12 @@ def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids
   v = sharding.constrain(v, ("batch", "length", "act_kv_heads", None))
   kv_positions_BS = positions_BT
   if kv is not None:
-    cache, i = kv
     B, T = positions_BT.shape
     rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-    # [B, T, K, D] rows written at [i, b, :, position_bt, :]
-    cache = {n: c.at[i, rows_BT, :, positions_BT].set(x.astype(c.dtype)) for (n, c), x in zip(cache.items(), (k, v))}
-    cache = {n: sharding.constrain(c, CACHE_AXES) for n, c in cache.items()}
-    k, v = (jax.lax.dynamic_index_in_dim(cache[n], i, 0, keepdims=False) for n in ("k", "v"))  # [B, K, S, D]
+    # [B, T, K, D] rows written at [b, :, position_bt, :]
+    kv = {n: sharding.constrain(kv[n].at[rows_BT, :, positions_BT].set(x.astype(kv[n].dtype)), CACHE_AXES)
+          for n, x in (("k", k), ("v", v))}
+    k, v = kv["k"], kv["v"]  # [B, K, S, D]
     kv_positions_BS = jnp.broadcast_to(jnp.arange(k.shape[2], dtype=jnp.int32), (B, k.shape[2]))
   attn = kernels.attention(q, k, v, implementation=cfg.attention, q_segment_ids_BT=segment_ids_BT,
                            q_positions_BT=positions_BT, kv_positions_BS=kv_positions_BS, causal=True,
@@ -323,13 +334,14 @@ def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids
   m = sharding.constrain(act * u, ("batch", "length", "act_mlp"))
   (down,) = _proj(("down",), m, layer, lora, cfg, dt, drop_key)
   x_BTD = sharding.constrain(x_BTD + down, ("batch", "length", "act_embed"))
-  return x_BTD if kv is None else (x_BTD, cache)
+  return x_BTD if kv is None else (x_BTD, kv)
 
 
 def cached_hidden_states(params, tokens_BT, cfg: ModelConfig, cache, start_B):
   """Final-norm hidden states [B, T, D] of ``tokens_BT`` placed at positions (= cache slots) ``start_B`` ..
   ``start_B + T - 1`` of each row, attending to everything the cache holds before them; returns (h, cache).
-  The cache is carried through the layer scan and updated in place."""
+  Layers run as a Python loop, each updating its own cache buffer in place; ``params`` may hold the layers
+  stacked or as lists (``unstack_layers``, what a decode loop passes)."""
   B, T = tokens_BT.shape
   dt = jnp.dtype(cfg.dtype)
   positions_BT = start_B[:, None].astype(jnp.int32) + jnp.arange(T, dtype=jnp.int32)
@@ -338,16 +350,12 @@ def cached_hidden_states(params, tokens_BT, cfg: ModelConfig, cache, start_B):
     x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
   x = sharding.constrain(x, ("batch", "length", "act_embed"))
   rope = rope_tables(positions_BT, jnp.asarray(rope_inv_freq(cfg)))
-
-  def body(carry, xs):
-    x, cache = carry
-    layer, lora_l, i = xs
-    return _block(cfg, rope, x, layer, lora_l, positions_BT, None, None, kv=(cache, i)), None
-
-  (x, cache), _ = jax.lax.scan(body, (x, cache), (params["layers"], params.get("lora"),
-                                                  jnp.arange(cfg.num_layers)),
-                               unroll=max(1, min(cfg.scan_unroll, cfg.num_layers)))
-  return rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset), cache
+  layered = unstack_layers(params)
+  lora = layered.get("lora") or [None] * cfg.num_layers
+  cache = list(cache)
+  for i in range(cfg.num_layers):
+    x, cache[i] = _block(cfg, rope, x, layered["layers"][i], lora[i], positions_BT, None, None, kv=cache[i])
+  return rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset), tuple(cache)
 
 
 def hidden_states(params, tokens_BT, cfg: ModelConfig, *, positions_BT=None, segment_ids_BT=None,
