@@ -95,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout = ml_collections.ConfigDict(dict(
       num_prompts=8, num_generations=4, max_new_tokens=16, max_prompt_len=64,
       temperature=1.0, top_k=0, top_p=1.0, epochs=1,
+      shared_prompt="auto",  # grpo/rloo: a group's prompt through the model once (auto | on | off)
       eval_prompts=64,  # greedy responses to the first N eval prompts at every eval
   ))
   c.reward = ml_collections.ConfigDict(dict(
@@ -417,6 +418,7 @@ def _validate_rl(cfg):
   for k in ("num_prompts", "num_generations", "max_new_tokens", "max_prompt_len", "epochs"):
     if ro[k] <= 0:
       raise ConfigError(f"rollout.{k} must be > 0, got {ro[k]}")
+  _choice(ro.shared_prompt, "rollout.shared_prompt", pg.SHARED_PROMPT)
   if not 0 < ro.top_p <= 1 or ro.temperature < 0 or ro.top_k < 0:
     raise ConfigError("rollout.top_p must be in (0, 1], rollout.temperature and rollout.top_k >= 0")
   if a in ("ppo", "grpo", "rloo") and ro.temperature == 0:

@@ -443,7 +443,8 @@ def reference_mode(cfg) -> str:
 # numerics-preserving implementation choices. ``train.max_steps`` is allowed too (the schedule is recomputed).
 RESUME_SAFE = ("train.max_steps", "train.log_every", "train.peak_tflops", "train.micro_batch_size", "eval.",
                "checkpoint.", "distributed.", "mesh.", "model.remat", "model.scan_unroll", "model.attention",
-               "model.logprob_chunk", "model.logprob_impl", "model.sampling_impl", "data.eval_path")
+               "model.logprob_chunk", "model.logprob_impl", "model.sampling_impl", "data.eval_path",
+               "rollout.shared_prompt")
 
 
 def _flat(d, prefix=""):

@@ -468,6 +468,87 @@ def test_grpo_prepare_end_to_end():
   np.testing.assert_array_equal(rows["weight"], 1.0)
 
 
+def grouped_rows(seed, G=3, n_groups=2, max_prompt=5, W=6):
+  """Rollout rows of T = max_prompt + W in groups of G samples of one prompt (ragged prompts per group,
+  ragged responses, one response of the full window, one of a single token)."""
+  rng = np.random.default_rng(seed)
+  T, N = max_prompt + W, G * n_groups
+  plens = np.repeat(rng.integers(1, max_prompt + 1, n_groups), G)
+  plens[:G] = max_prompt
+  lens = rng.integers(1, W + 1, N)
+  lens[0], lens[1] = W, 1
+  rows = rows_layout(plens, plens + lens, T, rng)
+  for i in range(N):  # samples of a group share the prompt tokens
+    rows["tokens"][i, :plens[i]] = rows["tokens"][i - i % G, :plens[i]]
+  rows["weight"] = np.ones(N, np.float32)
+  return rows, rng
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_shared_prompt_rows_give_the_separate_log_probs(temperature):
+  """A group's prompt computed once (branch rows) gives each sample's response log-probs and entropies of a
+  plain forward over its own row (numpy log-softmax of the model's logits) within 1e-5 in fp32."""
+  G, W = 3, 6
+  rows, _ = grouped_rows(3, G=G, W=W)
+  params = init_jit(MODEL, jax.random.PRNGKey(4))
+  want_lp, want_ent = np_token_logps(params, rows, MODEL, temperature)
+  batch = {k: jnp.asarray(v) for k, v in rows.items()}
+  f = jax.jit(lambda p, b, g: pg.token_logps(p, b, MODEL, temperature, with_entropy=True, window=W, group=g),
+              static_argnums=2)
+  (lp, ent), (lp_sep, ent_sep) = f(params, batch, G), f(params, batch, 0)
+  m = rows["loss_mask"][:, 1:]
+  np.testing.assert_allclose(np.asarray(lp)[m], want_lp[m], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ent)[m], want_ent[m], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(lp)[m], np.asarray(lp_sep)[m], rtol=1e-5, atol=1e-6)
+  g = pg.group_rows(batch, G, W)
+  assert g["tokens"].shape == (2, (rows["tokens"].shape[1] - W - 1) + G * (W + 1))  # prompt once per group
+
+
+def test_shared_prompt_grpo_step_equals_separate_rows():
+  """The GRPO train step (loss, metrics, updated params) with rollout.shared_prompt on equals the one with it
+  off, with micro-batches of whole groups."""
+  G, W = 3, 6
+  rows, rng = grouped_rows(5, G=G, n_groups=4, W=W)
+  params = init_jit(MODEL, jax.random.PRNGKey(2))
+  lp, _ = np_token_logps(params, rows, MODEL, 0.9)
+  shape, tmask = lp.shape, rows["loss_mask"][:, 1:]
+  rows["old_logps"] = (lp + rng.normal(0, 0.3, shape)).astype(np.float32)
+  rows["sampler_logps"] = rows["old_logps"]
+  rows["advantages"] = np.where(tmask, rng.normal(size=(len(lp), 1)), 0.0).astype(np.float32)
+  (order,) = source.arrange(len(lp), G, len(lp), 2, np.random.default_rng(0))  # the source's micro-batch order
+  rows = {k: v[order] for k, v in rows.items()}
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": {}, "opt_state": optax.sgd(0.5).init(params),
+           "rng": jax.random.PRNGKey(0)}
+  out = {}
+  for mode in ("on", "off"):
+    cfg = make_cfg("grpo", rollout__num_generations=G, rollout__max_new_tokens=W, rollout__max_prompt_len=5,
+                   rollout__num_prompts=4, rollout__shared_prompt=mode, rollout__temperature=0.9,
+                   train__global_batch_size=16)  # 12 rows: epochs so old_logps come from the batch
+    assert pg.prompt_group(cfg, MODEL) == (G if mode == "on" else 0)
+    out[mode] = run_steps(grpo.make_loss(cfg, MODEL), grpo.finalize, optax.sgd(0.5), state, rows, (2,))[2]
+  (p_on, m_on), (p_off, m_off) = out["on"], out["off"]
+  for k in m_off:
+    np.testing.assert_allclose(m_on[k], m_off[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  for a, b in zip(jax.tree.leaves(p_on), jax.tree.leaves(p_off)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_shared_prompt_auto_counts_flops():
+  """auto shares the prompt when one group row costs fewer FLOPs than G rows (short groups), not when the
+  group's row is so long that its attention costs more than the prompt saves; off, PPO and RS never share."""
+  m = ModelConfig(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, ffn_size=768)
+  cfg = make_cfg("grpo", rollout__num_generations=4, rollout__max_new_tokens=32, rollout__max_prompt_len=32)
+  assert pg.prompt_group(cfg, m) == 4
+  assert pg.prompt_group(make_cfg("rloo", rollout__num_generations=4, rollout__max_new_tokens=32,
+                                  rollout__max_prompt_len=32), m) == 4
+  long = make_cfg("grpo", rollout__num_generations=16, rollout__max_new_tokens=2048, rollout__max_prompt_len=32)
+  assert pg.prompt_group(long, m) == 0
+  assert pg.prompt_group(make_cfg("grpo", rollout__shared_prompt="off"), m) == 0
+  assert pg.prompt_group(make_cfg("rs"), m) == 0 and pg.prompt_group(make_cfg("ppo"), m) == 0
+  with pytest.raises(config.ConfigError, match="rollout.shared_prompt"):
+    config.validate(make_cfg("grpo", rollout__shared_prompt="yes"))
+
+
 # ------------------------------------------------------------------------------------------ PPO
 
 def test_ppo_token_rewards_placement():

@@ -91,10 +91,11 @@ def prepare(ro: dict, cfg, ctl: dict) -> tuple[dict, dict]:
 
 def make_loss(cfg, model_cfg):
   g, T = cfg.grpo, cfg.rollout.temperature
+  group = pg.prompt_group(cfg, model_cfg)
 
   def loss_fn(params, batch, rng):
     policy, _ = pg.policy_and_critic(params)
-    logp = pg.token_logps(policy, batch, model_cfg, T, rng=rng, window=cfg.rollout.max_new_tokens)
+    logp = pg.token_logps(policy, batch, model_cfg, T, rng=rng, window=cfg.rollout.max_new_tokens, group=group)
     mask = pg.row_mask(batch)
     old = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logp)
     tis = None

@@ -111,23 +111,85 @@ def target_mask(batch):
   return batch["loss_mask"][:, 1:] & (batch["segment_ids"][:, 1:] > 0)
 
 
+def group_rows(batch, group: int, window: int) -> dict:
+  """One row per group of ``group`` consecutive rollout rows that share their prompt (GRPO/RLOO samples of one
+  prompt): ``[prompt[:-1], (last prompt token, window response tokens) x group]`` with branch ids, so the prompt
+  runs through the layers once per group instead of once per sample. Each branch restarts at the last prompt
+  token's position and sees the prompt and itself only, so its hidden states equal the separate rows'. The
+  prompt region is the T - window - 1 slots a prompt can fill (pad slots get segment 0). Returns the row arrays
+  and ``rows_NW`` / ``cols_NW`` locating each sample's window positions in it; ``start_N`` = p - 1."""
+  tokens_NT, mask_NT = batch["tokens"], batch["loss_mask"]
+  N, T = tokens_NT.shape
+  M, W, Pm = N // group, window, T - window - 1
+  start_N = jnp.maximum(jnp.argmax(mask_NT, axis=1) - 1, 0)  # the last prompt token of each row
+  lead_M = start_N[::group]
+  j_P = jnp.arange(Pm)
+  prompt_MP = tokens_NT[::group, :Pm]
+  cols_NW1 = jnp.minimum(start_N[:, None] + jnp.arange(W + 1), T - 1)  # the branch: from the last prompt token
+  branch_NW1 = jnp.take_along_axis(tokens_NT, cols_NW1, axis=1)
+  pos_NW1 = start_N[:, None] + jnp.arange(W + 1)
+  rows = {
+      "tokens": jnp.concatenate([prompt_MP, branch_NW1.reshape(M, group * (W + 1))], axis=1),
+      "positions": jnp.concatenate([jnp.broadcast_to(j_P, (M, Pm)), pos_NW1.reshape(M, -1)], axis=1),
+      "segment_ids": jnp.concatenate([(j_P[None] < lead_M[:, None]).astype(jnp.int32),
+                                      jnp.ones((M, group * (W + 1)), jnp.int32)], axis=1),
+      "branch_ids": jnp.concatenate([jnp.zeros((M, Pm), jnp.int32),
+                                     jnp.repeat(jnp.arange(1, group + 1, dtype=jnp.int32), W + 1)[None].repeat(M, 0)],
+                                    axis=1)}
+  g_N = jnp.arange(N) % group
+  rows["cols_NW"] = Pm + g_N[:, None] * (W + 1) + jnp.arange(W)  # hidden state j predicts response token j
+  rows["start_N"] = start_N
+  return rows
+
+
+SHARED_PROMPT = ("auto", "on", "off")
+
+
+def prompt_group(cfg, model_cfg) -> int:
+  """G when the update and scoring forwards run each group's prompt once (``rollout.shared_prompt``; GRPO and
+  RLOO, whose rows come in groups of G samples of one prompt), else 0. ``auto``: when it costs fewer FLOPs, the
+  group's row of Pm + G (W + 1) tokens against G rows of T, attention counted over every (query, key) pair as
+  the XLA attention computes it (long groups of long responses make one row's attention dearer than it saves)."""
+  ro = cfg.rollout
+  G, W, mode = ro.num_generations, ro.max_new_tokens, ro.shared_prompt
+  if mode == "off" or G < 2 or cfg.algorithm not in ("grpo", "rloo"):
+    return 0
+  if mode == "on":
+    return G
+  T = ro.max_prompt_len + W
+  L = T - W - 1 + G * (W + 1)
+  m = model_cfg
+  dense = m.hidden_size * (m.num_heads + 2 * m.num_kv_heads) * m.dh + m.num_heads * m.dh * m.hidden_size
+  dense += 3 * m.hidden_size * m.ffn_size
+  pair = 2 * m.num_heads * m.dh
+  return G if L * dense + L * L * pair < G * (T * dense + T * T * pair) else 0
+
+
 def token_logps(params, batch, model_cfg, temperature: float = 1.0, with_entropy: bool = False, rng=None,
-                window: int = 0):
+                window: int = 0, group: int = 0):
   """log pi(token t+1 | prefix) of the temperature-scaled distribution, [N, T-1] fp32 (the sampler returns the
   same values); with ``with_entropy`` also the per-token entropy of that distribution. ``window`` = W > 0: the LM
   head runs only on the W positions from the one before each row's first response token (a rollout's responses
-  are at most W tokens), and positions outside are 0, which saves the head on the prompt."""
-  h = transformer.hidden_states(params, batch["tokens"], model_cfg, positions_BT=batch["positions"],
-                                segment_ids_BT=batch["segment_ids"], dropout_rng=rng)
-  N, T, _ = h.shape
-  if not window or window >= T - 1:
-    return transformer.logprobs_from_hidden(params, h, batch["tokens"], model_cfg, temperature=temperature,
-                                            with_entropy=with_entropy)
-  start_N = jnp.maximum(jnp.argmax(batch["loss_mask"], axis=1) - 1, 0)
+  are at most W tokens), and positions outside are 0, which saves the head on the prompt. ``group`` = G > 1 (with
+  a window): groups of G consecutive rows share their prompt, which then runs once per group (``group_rows``)."""
+  N, T = batch["tokens"].shape
+  if window and group > 1 and window < T - 1:
+    g = group_rows(batch, group, window)
+    h = transformer.hidden_states(params, g["tokens"], model_cfg, positions_BT=g["positions"],
+                                  segment_ids_BT=g["segment_ids"], branch_ids_BT=g["branch_ids"], dropout_rng=rng)
+    M = N // group
+    h_NWD = jnp.take_along_axis(h, g["cols_NW"].reshape(M, -1)[..., None], axis=1).reshape(N, window, -1)
+    start_N = g["start_N"]
+  else:
+    h = transformer.hidden_states(params, batch["tokens"], model_cfg, positions_BT=batch["positions"],
+                                  segment_ids_BT=batch["segment_ids"], dropout_rng=rng)
+    if not window or window >= T - 1:
+      return transformer.logprobs_from_hidden(params, h, batch["tokens"], model_cfg, temperature=temperature,
+                                              with_entropy=with_entropy)
+    start_N = jnp.maximum(jnp.argmax(batch["loss_mask"], axis=1) - 1, 0)
+    h_NWD = jnp.take_along_axis(h, jnp.minimum(start_N[:, None] + jnp.arange(window), T - 2)[..., None], axis=1)
   pos_NW = start_N[:, None] + jnp.arange(window)  # may run past T - 2: gathered clipped, scattered dropped
-  safe_NW = jnp.minimum(pos_NW, T - 2)
-  h_NWD = jnp.take_along_axis(h, safe_NW[..., None], axis=1)
-  targets_NW = jnp.take_along_axis(batch["tokens"], safe_NW + 1, axis=1)
+  targets_NW = jnp.take_along_axis(batch["tokens"], jnp.minimum(pos_NW + 1, T - 1), axis=1)
   out = transformer.target_logprobs(params, h_NWD, targets_NW, model_cfg, temperature=temperature,
                                     with_entropy=with_entropy)
   rows = jnp.arange(N)[:, None]

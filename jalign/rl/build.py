@@ -33,16 +33,18 @@ def source_and_eval(r):
               for k in score_keys}
   temperature = ro.temperature if cfg.algorithm in ("ppo", "grpo", "rloo") else 1.0
   old_logps = getattr(r.algo, "needs_old_logps", lambda _: True)(cfg)
+  from jalign.algorithms import pg
+  group = pg.prompt_group(cfg, r.model_cfg)
 
   def score_fn(params, batch):
-    from jalign.algorithms import pg
     policy = common.policy_params(params)
     out = {}
     if old_logps:
-      out["logps"] = pg.token_logps(policy, batch, r.model_cfg, temperature, window=ro.max_new_tokens)
+      out["logps"] = pg.token_logps(policy, batch, r.model_cfg, temperature, window=ro.max_new_tokens, group=group)
     if r.ref_mode != "none":
       ref = params["reference"] if r.ref_mode == "copy" else lora.disabled(policy)
-      out["ref_logps"] = pg.token_logps(ref, batch, r.model_cfg, temperature, window=ro.max_new_tokens)
+      out["ref_logps"] = pg.token_logps(ref, batch, r.model_cfg, temperature, window=ro.max_new_tokens,
+                                        group=group)
     if r.critic_cfg is not None:
       out["values"] = pg.token_values(params["critic"], batch, r.critic_cfg)
     return out
