@@ -565,13 +565,13 @@ RUNNERS = {"jalign": run_jalign, "torch": run_torch, "trl": run_trl, "tunix": ru
 
 # ---------------------------------------------------------------------------------------------- dpo runners
 
-def _jalign_dpo_setup(model_cfg, beta=0.1):
+def _jalign_dpo_setup(model_cfg, beta=0.1, window=0):
   from jalign import config as config_lib
   from jalign.algorithms import dpo
   c = config_lib.base_config()
   c.algorithm, c.reference = "dpo", "copy"
   c.dpo.update(loss="dpo", beta=beta)
-  return dpo.make_loss(c, model_cfg)
+  return dpo.make_loss(c, model_cfg, window=window)
 
 
 def dpo_layout_missing(layout: str) -> str:
@@ -624,7 +624,8 @@ def jalign_dpo_rows(steps_pairs, layout: str = "padded", max_len: int = T, pad_i
 def run_jalign_dpo(dtype: str = "float32", steps: int = 10, lengths: str = "fixed", layout: str = "padded",
                    scan_unroll: int = 0, arch=None) -> dict:
   """jalign's DPO train step (``dpo.make_loss``, reference = a frozen copy, beta 0.1, the base AdamW config) on
-  ``jalign_dpo_rows`` batches in ``layout``."""
+  ``jalign_dpo_rows`` batches in ``layout``; padded rows with the LM head over the data's response window, as
+  ``jalign.train`` runs them."""
   import jax
 
   from jalign import trainer
@@ -634,10 +635,13 @@ def run_jalign_dpo(dtype: str = "float32", steps: int = 10, lengths: str = "fixe
     return {"not_available": why}
   arch = dict(arch or ARCH)
   cfg = ModelConfig(**arch, dtype=dtype, scan_unroll=scan_unroll or arch["num_layers"])
+  from jalign.algorithms import common
   state, optimizer, schedule = _jalign_state(cfg, frozen_copy=True)
-  step = jax.jit(trainer.make_train_step(_jalign_dpo_setup(cfg), optimizer, schedule, 1), donate_argnums=(0,))
   pairs = dpo_pairs(steps + 1, lengths)
   batches = jalign_dpo_rows(pairs, layout, sum(max_lengths(lengths)), arch["vocab_size"] - 1)
+  window = common.response_window(*batches) if layout == "padded" else 0  # as jalign.train sets it from the data
+  step = jax.jit(trainer.make_train_step(_jalign_dpo_setup(cfg, window=window), optimizer, schedule, 1),
+                 donate_argnums=(0,))
   res = _jalign_loop(step, state, batches, [dpo_real_tokens(s) for s in pairs])
   return {**res, "rows_shape": list(batches[0]["tokens"].shape)}
 

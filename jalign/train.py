@@ -197,6 +197,10 @@ def load_data(r: Run):
     if r.eval_rows is not None:
       r.rows, r.eval_rows = preference.match_slots(r.rows, r.eval_rows)
     slots = r.rows["pair_valid"].shape[1:]
+  r.window = 0  # padded pairs: the LM head only where trained tokens can be (common.response_window)
+  if getattr(r.algo, "WINDOWED", False) and "pair_valid" not in r.rows and "loss_mask" in r.rows:
+    from jalign.algorithms import common
+    r.window = common.response_window(r.rows, r.eval_rows)
   r.row_shapes = {k: r.rows[k].shape[1:] for k in r.algo.batch_axes(cfg) if k != "ref_logps"}
   r.row_shapes.setdefault("ref_logps", slots + (2,))
   first = r.rows["tokens"] if "tokens" in r.rows else next(iter(r.rows.values()))
@@ -299,7 +303,7 @@ def build_steps(r: Run):
   from jalign import sharding, trainer
   traced = functools.partial(sharding.bind, mesh=r.mesh, rules=r.rules)
   args = (r.cfg, r.model_cfg) + ((r.critic_cfg,) if r.critic_cfg else ())
-  loss_fn = r.algo.make_loss(*args)
+  loss_fn = r.algo.make_loss(*args, **({"window": r.window} if getattr(r, "window", 0) else {}))
   r.finalize = getattr(r.algo, "finalize", None)
   r.train_step = jax.jit(traced(trainer.make_train_step(loss_fn, r.optimizer, r.schedule, r.n_micro, r.finalize)),
                          in_shardings=(r.state_sh, r.batch_sh),

@@ -96,11 +96,35 @@ def _cudnn(q_BTHD, k, v, *, kv_heads_first=False, scale=None, **masks):
   return out.astype(q_BTHD.dtype), None
 
 
-def attention(q_BTHD, k_BSKD, v_BSKD, *, implementation="xla", **kwargs):
+def attention_blocked(q_BTHD, k_BSKD, v_BSKD, *, block: int = 64, **kwargs):
+  """``attention_reference`` for self-attention over rows whose visible keys never come after their query in the
+  row (causal rows, packed segments, shared-prompt branches): query block i attends keys [0, end of block i)
+  only, so the blocks above the diagonal are neither computed nor masked. Same arguments and results."""
+  B, T = q_BTHD.shape[:2]
+  kv = {"segment_ids": kwargs.pop("kv_segment_ids_BS", None), "positions": kwargs.pop("kv_positions_BS", None),
+        "branch_ids": kwargs.pop("kv_branch_ids_BS", None)}
+  q = {"segment_ids": kwargs.pop("q_segment_ids_BT", None), "positions": kwargs.pop("q_positions_BT", None),
+       "branch_ids": kwargs.pop("q_branch_ids_BT", None)}
+  if q["positions"] is None:
+    q["positions"] = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  kv = {n: q[n] if a is None else a for n, a in kv.items()}
+  outs = []
+  for start in range(0, T, block):
+    end = min(start + block, T)
+    outs.append(attention_reference(
+        q_BTHD[:, start:end], k_BSKD[:, :end], v_BSKD[:, :end],
+        **{f"q_{n}_BT": None if a is None else a[:, start:end] for n, a in q.items()},
+        **{f"kv_{n}_BS": None if a is None else a[:, :end] for n, a in kv.items()}, **kwargs))
+  return jnp.concatenate(outs, axis=1)
+
+
+def attention(q_BTHD, k_BSKD, v_BSKD, *, implementation="xla", causal_rows=False, **kwargs):
   """Dispatch to an attention implementation. ``pallas``: the flash-attention kernel (one query token against
   a ``kv_heads_first`` cache: the decode kernel); ``cudnn``: ``jax.nn.dot_product_attention`` on cuDNN. Where the
   choice cannot run (backend, dtype, arguments), the XLA reference runs and one warning says why; unknown names
-  fail."""
+  fail. ``causal_rows``: self-attention where no visible key comes after its query in the row; on CPU the XLA
+  path then skips the blocks above the diagonal (``attention_blocked``: about half the work, measured 2x faster
+  forward and backward at T=256)."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown attention implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
   if implementation == "pallas":
@@ -124,7 +148,13 @@ def attention(q_BTHD, k_BSKD, v_BSKD, *, implementation="xla", **kwargs):
     if out is not None:
       return out
     fallback("cudnn attention", why)
+  if (causal_rows and kwargs.get("causal", True) and not kwargs.get("kv_heads_first", False)
+      and q_BTHD.shape[1] == k_BSKD.shape[1] >= 2 * BLOCK and jax.default_backend() == "cpu"):
+    return attention_blocked(q_BTHD, k_BSKD, v_BSKD, block=BLOCK, **kwargs)
   return attention_reference(q_BTHD, k_BSKD, v_BSKD, **kwargs)
+
+
+BLOCK = 64  # attention_blocked's query block on CPU
 
 
 def _is_decode(q_BTHD, kw) -> bool:

@@ -65,6 +65,45 @@ def test_branch_ids_hide_sibling_continuations():
   np.testing.assert_allclose(np.asarray(got), naive_attention(q, k, v, seg, pos, 0, branch), atol=1e-5)
 
 
+def test_blocked_attention_equals_the_loops_and_the_reference_gradients():
+  """attention_blocked (query block i against keys up to the end of block i) on causal rows with packed segments,
+  shared-prompt branches, padding, a window and T not a multiple of the block: the numpy loops' values, and the
+  reference's gradients; the model's dispatch takes it on CPU."""
+  from jalign.kernels import attention_ops
+  rng = np.random.RandomState(3)
+  B, T, H, K, D, block = 2, 23, 4, 2, 8, 8
+  q, k, v = (rng.randn(B, T, n, D).astype(np.float32) for n in (H, K, K))
+  seg = np.array([[1] * 9 + [2] * 11 + [0] * 3, [1] * 23])
+  pos_seg = [*range(9), *range(11), 0, 1, 2]
+  branch = np.array([[0] * 23, [0] * 5 + [1] * 6 + [2] * 12])  # row 1: a prompt of 5 and two branches after it
+  for window, br in ((0, None), (0, branch), (5, branch)):
+    pos = np.array([pos_seg, [*range(11), *range(5, 17)] if br is not None else list(range(23))])
+    kw = dict(q_segment_ids_BT=jnp.asarray(seg), q_positions_BT=jnp.asarray(pos), kv_positions_BS=jnp.asarray(pos),
+              sliding_window=window, q_branch_ids_BT=None if br is None else jnp.asarray(br))
+    got = attention_ops.attention_blocked(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), block=block, **kw)
+    np.testing.assert_allclose(np.asarray(got), naive_attention(q, k, v, seg, pos, window, br), atol=1e-5)
+    loss = lambda f: (lambda *a: jnp.sum(jnp.sin(f(*a, **kw))))
+    g_blocked = jax.grad(loss(lambda *a, **w: attention_ops.attention_blocked(*a, block=block, **w)),
+                         argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.grad(loss(attention_ops.attention_reference), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_blocked, g_ref):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  # dispatch: rows of at least two blocks take the blocked path on CPU, the cache's layout never does
+  calls = []
+  orig = attention_ops.attention_blocked
+  attention_ops.attention_blocked = lambda *a, **w: calls.append(1) or orig(*a, **w)
+  try:
+    x = jnp.ones((1, 2 * attention_ops.BLOCK, 2, 4))
+    kernels.attention(x, x, x, causal_rows=True)
+    kernels.attention(x, x, x, causal_rows=False)
+    kernels.attention(x[:, :1], x.transpose(0, 2, 1, 3), x.transpose(0, 2, 1, 3), kv_heads_first=True,
+                      causal_rows=True, q_positions_BT=jnp.zeros((1, 1), jnp.int32),
+                      kv_positions_BS=jnp.arange(2 * attention_ops.BLOCK)[None])
+  finally:
+    attention_ops.attention_blocked = orig
+  assert len(calls) == (1 if jax.default_backend() == "cpu" else 0)
+
+
 def test_attention_grads_finite_differences():
   rng = np.random.RandomState(1)
   q, k, v = (jnp.asarray(rng.randn(1, 5, 2, 4), jnp.float64 if jax.config.x64_enabled else jnp.float32)

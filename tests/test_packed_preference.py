@@ -192,6 +192,32 @@ def test_kto_losses_grads_metrics_equal_padded(params):
   assert_same(step(params, frozen, layout_rows(seqs, values, "shared_packed")), want)
 
 
+def test_response_window_gives_the_full_rows_losses(params):
+  """The LM head only over the window of trained tokens (padded pairs) gives the full rows' DPO and KTO losses,
+  metrics and gradients; the window is the widest trained span of the data, and a narrower one would differ."""
+  rows = layout_rows(PAIRS, REWARDS, "padded")
+  spans = [len(e.tokens) - n for (n, _, _), pair in zip(SHAPES, PAIRS) for e in pair]  # responses: contiguous
+  assert common.response_window(rows, None, multiple=1) == max(spans) == 9
+  assert common.response_window(rows, multiple=4) == 12 and common.response_window(rows) == 0  # 16 >= T - 1
+  cut = {**rows, "loss_mask": rows["loss_mask"].copy()}
+  cut["loss_mask"][..., 8:] = False  # trained tokens within positions 0..7: the span shrinks
+  assert common.response_window(cut, multiple=1) < 9
+  frozen = {"reference": perturbed(params, 5)}
+  cfgs = [dpo_cfg(*c) for c in DPO_LOSSES[:2]]
+  c = config_lib.base_config()
+  c.algorithm, c.reference = "kto", "copy"
+  want = value_and_grads([dpo.make_loss(k, MODEL) for k in cfgs] + [kto.make_loss(c, MODEL)])(
+      params, frozen, {**rows, "desirable": np.arange(len(PAIRS)) % 3 > 0})
+  for window, check in ((9, True), (6, False)):
+    got = value_and_grads([dpo.make_loss(k, MODEL, window=window) for k in cfgs]
+                          + [kto.make_loss(c, MODEL, window=window)])(
+        params, frozen, {**rows, "desirable": np.arange(len(PAIRS)) % 3 > 0})
+    if check:
+      assert_same(got, want)
+    else:  # a window narrower than a response drops its tail: the test can tell
+      assert abs(float(got[0][0]["loss_sum"]) - float(want[0][0]["loss_sum"])) > 1e-3
+
+
 def rm_setup(params, heads):
   cfg = ModelConfig(**{**MODEL.__dict__, "num_value_heads": heads})
   p = {**params, "value_head": perturbed(init_params(cfg, jax.random.PRNGKey(0))["value_head"], 7, 0.3)}

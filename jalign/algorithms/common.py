@@ -50,13 +50,43 @@ def target_mask(flat):
   return flat["loss_mask"][:, 1:] & (flat["segment_ids"][:, 1:] > 0)
 
 
-def sequence_logps(params, flat, model_cfg, rng=None):
+def response_window(*row_sets, multiple: int = 16) -> int:
+  """The LM-head window W for [N, 2, T] pair rows: the most positions any sequence's trained tokens span (from the
+  position before its first trained token to the one before its last), rounded up to ``multiple``; 0 (the full
+  row) when that is no shorter than T - 1. Computed over every split the loss will see."""
+  T, span = 0, 0
+  for rows in row_sets:
+    if rows is None:
+      continue
+    m = rows["loss_mask"][..., 1:] & (rows["segment_ids"][..., 1:] > 0)
+    T = m.shape[-1] + 1
+    m = m.reshape(-1, T - 1)
+    m = m[m.any(axis=1)]
+    if len(m):
+      first, last = m.argmax(axis=1), T - 2 - m[:, ::-1].argmax(axis=1)
+      span = max(span, int((last - first + 1).max()))
+  W = -(-span // multiple) * multiple
+  return W if 0 < W < T - 1 else 0
+
+
+def sequence_logps(params, flat, model_cfg, rng=None, window: int = 0):
   """Summed response log-probs and response lengths, both [N], of unpacked sequences
-  (``flat``: tokens, loss_mask, segment_ids, positions, each [N, T])."""
+  (``flat``: tokens, loss_mask, segment_ids, positions, each [N, T]). ``window`` = W > 0: the LM head runs only on
+  W positions from the one before each sequence's first trained token (``response_window``: every trained token
+  of the data lies within them), not on the prompt or the padding after the response."""
   h_NTD = transformer.hidden_states(params, flat["tokens"], model_cfg, positions_BT=flat["positions"],
                                     segment_ids_BT=flat["segment_ids"], dropout_rng=rng)
-  logp_NT = transformer.logprobs_from_hidden(params, h_NTD, flat["tokens"], model_cfg)
   mask_NT = target_mask(flat)
+  if window:
+    T = flat["tokens"].shape[1]
+    pos_NW = jnp.argmax(mask_NT, axis=1)[:, None] + jnp.arange(window)
+    safe_NW = jnp.minimum(pos_NW, T - 2)
+    h_NWD = jnp.take_along_axis(h_NTD, safe_NW[..., None], axis=1)
+    logp = transformer.target_logprobs(params, h_NWD, jnp.take_along_axis(flat["tokens"], safe_NW + 1, axis=1),
+                                       model_cfg)
+    mask = jnp.take_along_axis(mask_NT, safe_NW, axis=1) & (pos_NW <= T - 2)
+    return jnp.sum(jnp.where(mask, logp, 0.0), axis=-1), jnp.sum(mask_NT, axis=-1).astype(jnp.float32)
+  logp_NT = transformer.logprobs_from_hidden(params, h_NTD, flat["tokens"], model_cfg)
   return jnp.sum(jnp.where(mask_NT, logp_NT, 0.0), axis=-1), jnp.sum(mask_NT, axis=-1).astype(jnp.float32)
 
 
@@ -102,13 +132,13 @@ def row_logps(params, batch, model_cfg, rng=None):
   return s.reshape(B, P, 2), n.reshape(B, P, 2)
 
 
-def pair_logps(params, batch, model_cfg, rng=None):
+def pair_logps(params, batch, model_cfg, rng=None, window: int = 0):
   """Summed response log-probs and response lengths, both [B, 2] (rows: [B, P, 2]), from one forward over the
-  2B sequences (or the rows)."""
+  2B sequences (or the rows); ``window``: see ``sequence_logps``."""
   if "pair_valid" in batch:
     return row_logps(params, batch, model_cfg, rng)
   B = batch["tokens"].shape[0]
-  s, n = sequence_logps(params, flat_pairs(batch), model_cfg, rng)
+  s, n = sequence_logps(params, flat_pairs(batch), model_cfg, rng, window)
   return s.reshape(B, 2), n.reshape(B, 2)
 
 
@@ -131,13 +161,13 @@ def policy_params(params):
   return {k: v for k, v in params.items() if k not in ("reference", "critic", "teacher")}
 
 
-def reference_logps(params, batch, model_cfg, mode):
+def reference_logps(params, batch, model_cfg, mode, window: int = 0):
   """[B, 2] (rows: [B, P, 2]) summed log-probs under the reference: a frozen copy (``params['reference']``), the
   same params with LoRA adapters off, or values precomputed before training (``batch['ref_logps']``)."""
   if mode == "precomputed":
     return batch["ref_logps"]
   ref = params["reference"] if mode == "copy" else lora.disabled(policy_params(params))
-  logp, _ = pair_logps(jax.lax.stop_gradient(ref), batch, model_cfg)
+  logp, _ = pair_logps(jax.lax.stop_gradient(ref), batch, model_cfg, window=window)
   return jax.lax.stop_gradient(logp)
 
 

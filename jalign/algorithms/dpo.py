@@ -85,6 +85,9 @@ def batch_axes(cfg) -> dict:
   return common.batch_axes(cfg, keys)
 
 
+WINDOWED = True  # make_loss takes the response window of padded pair rows
+
+
 def load_data(path, tok, cfg):
   pairs, skipped = preference.load_pairs(path, tok, cfg.data, cfg.tokenizer.chat_template)
   values = {"chosen_reward": np.array([p.chosen_reward for p in pairs], np.float32),
@@ -93,15 +96,16 @@ def load_data(path, tok, cfg):
   return rows, len(pairs), skipped, [p.chosen for p in pairs]
 
 
-def make_loss(cfg, model_cfg):
+def make_loss(cfg, model_cfg, window: int = 0):
+  """``window``: the LM-head window of padded pair rows (``common.response_window``); 0: every position."""
   d = cfg.dpo
   mode = common.reference_mode(cfg)
 
   def loss_fn(params, batch, rng):
-    logp, n = common.pair_logps(common.policy_params(params), batch, model_cfg, rng)  # [..., 2]
+    logp, n = common.pair_logps(common.policy_params(params), batch, model_cfg, rng, window)  # [..., 2]
     n = jnp.maximum(n, 1.0)
     w = common.pair_weights(batch)
-    ref = None if d.loss in REFERENCE_FREE else common.reference_logps(params, batch, model_cfg, mode)
+    ref = None if d.loss in REFERENCE_FREE else common.reference_logps(params, batch, model_cfg, mode, window)
     if d.preference_average_log_probs or d.loss in AVERAGED:
       pol, ref = logp / n, (None if ref is None else ref / n)
     else:

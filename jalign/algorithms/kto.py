@@ -35,19 +35,23 @@ def batch_axes(cfg) -> dict:
   return common.batch_axes(cfg, keys)
 
 
+WINDOWED = True  # make_loss takes the response window of padded pair rows
+
+
 def load_data(path, tok, cfg):
   (samples, kl, good), skipped = preference.load_unpaired(path, tok, cfg.data, cfg.tokenizer.chat_template)
   rows = preference.pair_rows(list(zip(samples, kl)), {"desirable": good}, cfg.data, tok.pad_id)
   return rows, len(samples), skipped, [s for s, g in zip(samples, good) if g]
 
 
-def make_loss(cfg, model_cfg):
+def make_loss(cfg, model_cfg, window: int = 0):
+  """``window``: the LM-head window of padded pair rows (``common.response_window``); 0: every position."""
   k = cfg.kto
   mode = common.reference_mode(cfg)
 
   def loss_fn(params, batch, rng):
-    logp, _ = common.pair_logps(common.policy_params(params), batch, model_cfg, rng)
-    ref = common.reference_logps(params, batch, model_cfg, mode)
+    logp, _ = common.pair_logps(common.policy_params(params), batch, model_cfg, rng, window)
+    ref = common.reference_logps(params, batch, model_cfg, mode, window)
     rho = logp - ref  # [..., 2]: sample, KL sample
     w = common.pair_weights(batch)
     losses, z = kto_losses(rho[..., 0], rho[..., 1], batch["desirable"], w > 0, beta=k.beta,
