@@ -501,7 +501,7 @@ def test_shared_prompt_rows_give_the_separate_log_probs(temperature):
   np.testing.assert_allclose(np.asarray(ent)[m], want_ent[m], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(lp)[m], np.asarray(lp_sep)[m], rtol=1e-5, atol=1e-6)
   g = pg.group_rows(batch, G, W)
-  assert g["tokens"].shape == (2, (rows["tokens"].shape[1] - W - 1) + G * (W + 1))  # prompt once per group
+  assert g["tokens"].shape == (2, (rows["tokens"].shape[1] - W - 1) + G * W)  # prompt once per group
 
 
 def test_shared_prompt_grpo_step_equals_separate_rows():

@@ -113,11 +113,11 @@ def target_mask(batch):
 
 def group_rows(batch, group: int, window: int) -> dict:
   """One row per group of ``group`` consecutive rollout rows that share their prompt (GRPO/RLOO samples of one
-  prompt): ``[prompt[:-1], (last prompt token, window response tokens) x group]`` with branch ids, so the prompt
-  runs through the layers once per group instead of once per sample. Each branch restarts at the last prompt
+  prompt): ``[prompt[:-1], (last prompt token, window - 1 response tokens) x group]`` with branch ids (a window's
+  inputs), so the prompt runs through the layers once per group instead of once per sample. Each branch restarts at the last prompt
   token's position and sees the prompt and itself only, so its hidden states equal the separate rows'. The
   prompt region is the T - window - 1 slots a prompt can fill (pad slots get segment 0). Returns the row arrays
-  and ``rows_NW`` / ``cols_NW`` locating each sample's window positions in it; ``start_N`` = p - 1."""
+  and ``cols_NW``, each sample's window positions in its group's row; ``start_N`` = p - 1."""
   tokens_NT, mask_NT = batch["tokens"], batch["loss_mask"]
   N, T = tokens_NT.shape
   M, W, Pm = N // group, window, T - window - 1
@@ -125,19 +125,19 @@ def group_rows(batch, group: int, window: int) -> dict:
   lead_M = start_N[::group]
   j_P = jnp.arange(Pm)
   prompt_MP = tokens_NT[::group, :Pm]
-  cols_NW1 = jnp.minimum(start_N[:, None] + jnp.arange(W + 1), T - 1)  # the branch: from the last prompt token
-  branch_NW1 = jnp.take_along_axis(tokens_NT, cols_NW1, axis=1)
-  pos_NW1 = start_N[:, None] + jnp.arange(W + 1)
+  src_NW = jnp.minimum(start_N[:, None] + jnp.arange(W), T - 1)  # the branch: from the last prompt token
+  branch_NW = jnp.take_along_axis(tokens_NT, src_NW, axis=1)
+  pos_NW = start_N[:, None] + jnp.arange(W)
   rows = {
-      "tokens": jnp.concatenate([prompt_MP, branch_NW1.reshape(M, group * (W + 1))], axis=1),
-      "positions": jnp.concatenate([jnp.broadcast_to(j_P, (M, Pm)), pos_NW1.reshape(M, -1)], axis=1),
+      "tokens": jnp.concatenate([prompt_MP, branch_NW.reshape(M, group * W)], axis=1),
+      "positions": jnp.concatenate([jnp.broadcast_to(j_P, (M, Pm)), pos_NW.reshape(M, -1)], axis=1),
       "segment_ids": jnp.concatenate([(j_P[None] < lead_M[:, None]).astype(jnp.int32),
-                                      jnp.ones((M, group * (W + 1)), jnp.int32)], axis=1),
+                                      jnp.ones((M, group * W), jnp.int32)], axis=1),
       "branch_ids": jnp.concatenate([jnp.zeros((M, Pm), jnp.int32),
-                                     jnp.repeat(jnp.arange(1, group + 1, dtype=jnp.int32), W + 1)[None].repeat(M, 0)],
+                                     jnp.repeat(jnp.arange(1, group + 1, dtype=jnp.int32), W)[None].repeat(M, 0)],
                                     axis=1)}
   g_N = jnp.arange(N) % group
-  rows["cols_NW"] = Pm + g_N[:, None] * (W + 1) + jnp.arange(W)  # hidden state j predicts response token j
+  rows["cols_NW"] = Pm + g_N[:, None] * W + jnp.arange(W)  # hidden state j predicts response token j
   rows["start_N"] = start_N
   return rows
 
@@ -148,7 +148,7 @@ SHARED_PROMPT = ("auto", "on", "off")
 def prompt_group(cfg, model_cfg) -> int:
   """G when the update and scoring forwards run each group's prompt once (``rollout.shared_prompt``; GRPO and
   RLOO, whose rows come in groups of G samples of one prompt), else 0. ``auto``: when it costs fewer FLOPs, the
-  group's row of Pm + G (W + 1) tokens against G rows of T, attention counted over every (query, key) pair as
+  group's row of Pm + G W tokens against G rows of T, attention counted over every (query, key) pair as
   the XLA attention computes it (long groups of long responses make one row's attention dearer than it saves)."""
   ro = cfg.rollout
   G, W, mode = ro.num_generations, ro.max_new_tokens, ro.shared_prompt
@@ -157,7 +157,7 @@ def prompt_group(cfg, model_cfg) -> int:
   if mode == "on":
     return G
   T = ro.max_prompt_len + W
-  L = T - W - 1 + G * (W + 1)
+  L = T - W - 1 + G * W
   m = model_cfg
   dense = m.hidden_size * (m.num_heads + 2 * m.num_kv_heads) * m.dh + m.num_heads * m.dh * m.hidden_size
   dense += 3 * m.hidden_size * m.ffn_size
