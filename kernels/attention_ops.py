@@ -39,9 +39,14 @@ def attention_mask(B, T, S, q_segment_ids_BT=None, kv_segment_ids_BS=None, q_pos
 
 def attention_reference(q_BTHD, k_BSKD, v_BSKD, *, q_segment_ids_BT=None, kv_segment_ids_BS=None,
                         q_positions_BT=None, kv_positions_BS=None, causal=True, sliding_window=0, scale=None,
-                        kv_heads_first=False, q_branch_ids_BT=None, kv_branch_ids_BS=None):
+                        kv_heads_first=False, q_branch_ids_BT=None, kv_branch_ids_BS=None, k_transposed=False):
   """Reference attention; softmax in float32, output in q's dtype. ``kv_heads_first``: k and v come as
-  [batch, kv_heads, kv_len, head_dim] (the KV cache's layout), which the matmuls use without a transposed copy."""
+  [batch, kv_heads, kv_len, head_dim] (the KV cache's layout), which the matmuls use without a transposed copy;
+  with ``k_transposed`` too, k comes as [batch, kv_heads, head_dim, kv_len] (the CPU cache's layout: the scores
+  are then a plain matmul, where XLA:CPU transposes every [kv_len, head_dim] block of k at every decode step)."""
+  k_BKDS = None
+  if kv_heads_first and k_transposed:
+    k_BKDS, k_BSKD = k_BSKD, k_BSKD.transpose(0, 1, 3, 2)  # [B, K, S, D]: a view for the shapes only
   if kv_heads_first:
     k_BSKD, v_BSKD = k_BSKD.transpose(0, 2, 1, 3), v_BSKD.transpose(0, 2, 1, 3)  # undone below: no copy
   B, T, H, D = q_BTHD.shape
@@ -53,7 +58,10 @@ def attention_reference(q_BTHD, k_BSKD, v_BSKD, *, q_segment_ids_BT=None, kv_seg
   q_BKQD = q_BTHD.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
   k_BKSD = k_BSKD.transpose(0, 2, 1, 3)
   v_BKSD = v_BSKD.transpose(0, 2, 1, 3)
-  scores = jnp.einsum("bkqd,bksd->bkqs", q_BKQD, k_BKSD, preferred_element_type=jnp.float32)
+  if k_BKDS is None:
+    scores = jnp.einsum("bkqd,bksd->bkqs", q_BKQD, k_BKSD, preferred_element_type=jnp.float32)
+  else:
+    scores = jnp.einsum("bkqd,bkds->bkqs", q_BKQD, k_BKDS, preferred_element_type=jnp.float32)
   scores_BKGTS = scores.reshape(B, K, G, T, S) * scale
   mask_BTS = attention_mask(B, T, S, q_segment_ids_BT, kv_segment_ids_BS, q_positions_BT, kv_positions_BS, causal,
                             sliding_window, q_branch_ids_BT, kv_branch_ids_BS)
@@ -127,6 +135,8 @@ def attention(q_BTHD, k_BSKD, v_BSKD, *, implementation="xla", causal_rows=False
   forward and backward at T=256)."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown attention implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
+  if kwargs.get("k_transposed") and implementation != "xla":
+    raise ValueError(f"a transposed k ([B, K, D, S]) is the XLA path's cache layout, not {implementation!r}'s")
   if implementation == "pallas":
     interpret = interpret_mode()
     if _is_decode(q_BTHD, kwargs):

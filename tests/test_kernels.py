@@ -48,6 +48,15 @@ def test_attention_reference_against_loops(H, K, window):
                                   q_positions_BT=jnp.asarray(pos), kv_positions_BS=jnp.asarray(pos),
                                   sliding_window=window, kv_heads_first=True)
   np.testing.assert_allclose(np.asarray(heads_first), naive_attention(q, k, v, seg, pos, window), atol=1e-5)
+  # and the CPU cache's transposed keys [B, K, D, S]
+  k_transposed = kernels.attention(jnp.asarray(q), jnp.asarray(k.transpose(0, 2, 3, 1)),
+                                   jnp.asarray(v.transpose(0, 2, 1, 3)), q_segment_ids_BT=jnp.asarray(seg),
+                                   q_positions_BT=jnp.asarray(pos), kv_positions_BS=jnp.asarray(pos),
+                                   sliding_window=window, kv_heads_first=True, k_transposed=True)
+  np.testing.assert_allclose(np.asarray(k_transposed), naive_attention(q, k, v, seg, pos, window), atol=1e-5)
+  with pytest.raises(ValueError, match="transposed k"):
+    kernels.attention(jnp.asarray(q), jnp.asarray(k.transpose(0, 2, 3, 1)), jnp.asarray(v.transpose(0, 2, 1, 3)),
+                      implementation="pallas", kv_heads_first=True, k_transposed=True)
 
 
 def test_branch_ids_hide_sibling_continuations():

@@ -86,14 +86,12 @@ def _sample(logits_BV, st, k_cap, cfg):
   B, V = logits_BV.shape
   ids_BN = st["stop_ids"]
   ban_BN = (st["n_B"] < st["min_tokens"])[:, None] & (ids_BN >= 0)  # stop tokens before min_tokens
-  banned_BV = jax.lax.cond(  # built only on steps where some row bans something
-      jnp.any(ban_BN), lambda: jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], jnp.where(ban_BN, ids_BN, V)].set(
-          True, mode="drop"), lambda: jnp.zeros((B, V), bool))
+  banned_BV = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], jnp.where(ban_BN, ids_BN, V)].set(True, mode="drop")
   sampler = _sampler(cfg)
   kw = dict(temperature_B=st["temperature"], top_k_B=st["top_k"], top_p_B=st["top_p"], min_p_B=st["min_p"],
             k_cap=k_cap, penalty_B=st["repetition_penalty"], seen_BV=st["seen_BV"], banned_BV=banned_BV)
   if sampler is sampling.sample:  # keys derived only when some row samples: a greedy step draws no random bits
-    return sampler(logits_BV, lambda: _row_keys(st), any_banned=jnp.any(ban_BN), **kw)
+    return sampler(logits_BV, lambda: _row_keys(st), **kw)
   return sampler(logits_BV, _row_keys(st), **kw)
 
 

@@ -61,35 +61,37 @@ def draw_from(weights_BV, keys_B):
 
 
 def sample(logits_BV, keys_B, *, temperature_B, top_k_B, top_p_B, min_p_B, k_cap: int, penalty_B=None,
-           seen_BV=None, banned_BV=None, any_banned=None):
+           seen_BV=None, banned_BV=None):
   """(token_B, logprob_B): greedy where temperature <= 0, else a draw from the truncated, temperature-scaled
   distribution. The repetition penalty (``seen_BV``) changes the choice, not the returned log-prob. Truncation
   order: top-k, then top-p and min-p on the renormalised top-k set (as transformers and vLLM). ``banned_BV``
-  (e.g. stop tokens before ``min_tokens``) are never chosen; ``any_banned``, when given, says whether any is.
-  ``keys_B``: the per-row keys, or a function returning them (called only when some row samples)."""
+  (e.g. stop tokens before ``min_tokens``) are never chosen. ``keys_B``: the per-row keys, or a function
+  returning them (called only when some row samples). The penalty and the bans are selects fused into the
+  reductions that read the logits, and the log-prob is the chosen logit minus a log-sum-exp: no [B, V] array
+  beyond the scaled logits is written on a greedy step."""
   logits_BV = logits_BV.astype(jnp.float32)
-  inv_t_B = 1.0 / jnp.where(temperature_B <= 0, 1.0, temperature_B)
-  logp_BV = jax.nn.log_softmax(logits_BV * inv_t_B[:, None], axis=-1)
-  if seen_BV is not None:  # skipped (as the bans below) when no row uses it
-    logits_BV = jax.lax.cond(jnp.any(penalty_B != 1.0),
-                             lambda: apply_repetition_penalty(logits_BV, seen_BV, penalty_B), lambda: logits_BV)
-  scaled_BV = logits_BV * inv_t_B[:, None]
+  inv_t_B1 = (1.0 / jnp.where(temperature_B <= 0, 1.0, temperature_B))[:, None]
+  scaled_BV = logits_BV * inv_t_B1
+  m_B = jnp.max(scaled_BV, axis=-1)
+  logz_B = m_B + jnp.log(jnp.sum(jnp.exp(scaled_BV - m_B[:, None]), axis=-1))
+  choice_BV = scaled_BV
+  if seen_BV is not None:
+    choice_BV = jnp.where(seen_BV & (penalty_B != 1.0)[:, None],
+                          apply_repetition_penalty(logits_BV, seen_BV, penalty_B) * inv_t_B1, choice_BV)
   if banned_BV is not None:
-    scaled_BV = jax.lax.cond(jnp.any(banned_BV) if any_banned is None else any_banned,
-                             lambda: jnp.where(banned_BV, NEG_INF, scaled_BV),
-                             lambda: scaled_BV)
-  greedy_B = argmax(scaled_BV)
+    choice_BV = jnp.where(banned_BV, NEG_INF, choice_BV)
+  greedy_B = argmax(choice_BV)
 
   def draw():  # skipped when every row is greedy; each filter skipped when no row uses it
-    B, V = scaled_BV.shape
+    B, V = choice_BV.shape
     ones = lambda: jnp.ones((B, V), bool)
-    mask_BV = jax.lax.cond(jnp.any(top_k_B > 0), lambda: top_k_mask(scaled_BV, top_k_B, k_cap), ones)
-    mask_BV &= scaled_BV > NEG_INF
-    probs_BV = jax.nn.softmax(jnp.where(mask_BV, scaled_BV, NEG_INF), axis=-1)
+    mask_BV = jax.lax.cond(jnp.any(top_k_B > 0), lambda: top_k_mask(choice_BV, top_k_B, k_cap), ones)
+    mask_BV &= choice_BV > NEG_INF
+    probs_BV = jax.nn.softmax(jnp.where(mask_BV, choice_BV, NEG_INF), axis=-1)
     mask_BV &= jax.lax.cond(jnp.any(top_p_B < 1), lambda: top_p_mask(probs_BV, top_p_B), ones)
     mask_BV &= probs_BV >= (min_p_B * jnp.max(probs_BV, axis=-1))[:, None]
     drawn_B = draw_from(jnp.where(mask_BV, probs_BV, 0.0), keys_B() if callable(keys_B) else keys_B)
     return jnp.where(temperature_B <= 0, greedy_B, drawn_B).astype(jnp.int32)
 
   token_B = jax.lax.cond(jnp.all(temperature_B <= 0), lambda: greedy_B, draw)
-  return token_B, jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
+  return token_B, jnp.take_along_axis(scaled_BV, token_B[:, None], axis=-1)[:, 0] - logz_B

@@ -280,13 +280,22 @@ def _proj(names, x, layer, lora, cfg, dt, drop_key):
 CACHE_AXES = ("batch", "act_kv_heads", None, None)
 
 
+def k_cache_transposed(cfg: ModelConfig) -> bool:
+  """Whether the cache holds keys as [batch, kv_heads, head_dim, length]: with the XLA attention, whose decode
+  scores are then a plain matmul (XLA:CPU otherwise transposes every row's keys at every step: measured 3x the
+  matmul at batch 32); the Pallas and cuDNN kernels read [batch, kv_heads, length, head_dim]."""
+  return cfg.attention == "xla"
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple:
-  """KV cache: one ``{"k", "v": [batch, kv_heads, length, head_dim]}`` per layer, in the compute dtype (heads
-  before slots: the attention matmuls read it without a transposed copy); slot s of a row holds the keys/values
-  of the token at position s. A buffer per layer, not one stacked array: XLA updates each in place inside the
-  decode loop, where writing one layer of a stacked cache and reading it back copies the whole cache."""
+  """KV cache: one ``{"k", "v"}`` per layer, in the compute dtype, ``v`` [batch, kv_heads, length, head_dim] and
+  ``k`` the same or [batch, kv_heads, head_dim, length] (``k_cache_transposed``): heads before slots, so the
+  attention matmuls read it without a transposed copy. Slot s of a row holds the keys/values of the token at
+  position s. A buffer per layer, not one stacked array: XLA updates each in place inside the decode loop, where
+  writing one layer of a stacked cache and reading it back copies the whole cache."""
   shape = (batch, cfg.num_kv_heads, length, cfg.dh)
-  return tuple({n: sharding.constrain(jnp.zeros(shape, cfg.dtype), CACHE_AXES) for n in ("k", "v")}
+  k_shape = (batch, cfg.num_kv_heads, cfg.dh, length) if k_cache_transposed(cfg) else shape
+  return tuple({n: sharding.constrain(jnp.zeros(sh, cfg.dtype), CACHE_AXES) for n, sh in (("k", k_shape), ("v", shape))}
                for _ in range(cfg.num_layers))
 
 
@@ -317,15 +326,19 @@ def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids
   if kv is not None:
     B, T = positions_BT.shape
     rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-    # [B, T, K, D] rows written at [b, :, position_bt, :]
-    kv = {n: sharding.constrain(kv[n].at[rows_BT, :, positions_BT].set(x.astype(kv[n].dtype)), CACHE_AXES)
-          for n, x in (("k", k), ("v", v))}
-    k, v = kv["k"], kv["v"]  # [B, K, S, D]
-    kv_positions_BS = jnp.broadcast_to(jnp.arange(k.shape[2], dtype=jnp.int32), (B, k.shape[2]))
+    # [B, T, K, D] rows written at [b, :, position_bt, :] (k transposed: at [b, :, :, position_bt])
+    at = {"v": lambda c: c.at[rows_BT, :, positions_BT],
+          "k": (lambda c: c.at[rows_BT, :, :, positions_BT]) if k_cache_transposed(cfg) else None}
+    at["k"] = at["k"] or at["v"]
+    kv = {n: sharding.constrain(at[n](kv[n]).set(x.astype(kv[n].dtype)), CACHE_AXES) for n, x in (("k", k), ("v", v))}
+    k, v = kv["k"], kv["v"]
+    S = v.shape[2]
+    kv_positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+  extra = {"k_transposed": True} if kv is not None and k_cache_transposed(cfg) else {}
   attn = kernels.attention(q, k, v, implementation=cfg.attention, q_segment_ids_BT=segment_ids_BT,
                            q_positions_BT=positions_BT, kv_positions_BS=kv_positions_BS, causal=True,
                            sliding_window=cfg.sliding_window, kv_heads_first=kv is not None,
-                           q_branch_ids_BT=branch_ids_BT, causal_rows=kv is None)
+                           q_branch_ids_BT=branch_ids_BT, causal_rows=kv is None, **extra)
   (o,) = _proj(("o",), attn, layer, lora, cfg, dt, drop_key)
   x_BTD = sharding.constrain(x_BTD + o, ("batch", "length", "act_embed"))
   h = rms_norm(x_BTD, layer["mlp_norm"], cfg.rms_norm_eps, cfg.norm_offset)
