@@ -1155,6 +1155,7 @@ def run_jalign_rl(model_dir: str, hf_dir: str, tok_dir: str, data_path: str, pro
   c.algorithm = algorithm
   c.model.checkpoint = model_dir
   c.model.scan_unroll = checkpoint.read_model_config(model_dir)["num_layers"]  # as the other benchmarks
+  c.train.compile_cache = ""  # the first step compiles, as the other frameworks' do
   c.tokenizer.path = tok_dir
   c.data.update(train_path=data_path, add_bos=False)
   c.rollout.update(num_prompts=prompts, num_generations=samples, max_new_tokens=new_tokens,

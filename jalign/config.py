@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       max_steps=100, global_batch_size=8, micro_batch_size=0,  # 0: no accumulation
       grad_clip=1.0, log_every=1, peak_tflops=0.0,  # 0: known accelerators only
+      compile_cache="~/.cache/jalign/xla",  # JAX's persistent compilation cache ("": off)
   ))
 
   c.optim = ml_collections.ConfigDict(dict(

@@ -104,11 +104,21 @@ def run(cfg, workdir: str, on_step=None) -> dict:
     r.ckpt.close()
 
 
+def enable_compile_cache(path: str) -> None:
+  """JAX's persistent compilation cache in ``path`` (``train.compile_cache``), unless JAX_COMPILATION_CACHE_DIR
+  names one already or ``path`` is empty: a run of shapes compiled before (the same config again, a resume)
+  loads its compiled steps instead of compiling them (the SFT benchmark's first step: 5 s -> 2 s)."""
+  import jax
+  if path and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+
+
 def setup(cfg, workdir) -> Run:
   """Processes, algorithm, model config, tokenizer, mesh."""
   import jax
 
   from jalign import algorithms, checkpoint, data, sharding
+  enable_compile_cache(cfg.train.compile_cache)
   sharding.maybe_initialize_distributed(cfg)
   r = Run(cfg, workdir)
   r.pid, r.nproc = jax.process_index(), jax.process_count()
@@ -445,8 +455,9 @@ def reference_mode(cfg) -> str:
 
 # Keys that may change between a run and its resume: logging, evaluation, checkpoint cadence, layout and
 # numerics-preserving implementation choices. ``train.max_steps`` is allowed too (the schedule is recomputed).
-RESUME_SAFE = ("train.max_steps", "train.log_every", "train.peak_tflops", "train.micro_batch_size", "eval.",
-               "checkpoint.", "distributed.", "mesh.", "model.remat", "model.scan_unroll", "model.attention",
+RESUME_SAFE = ("train.max_steps", "train.log_every", "train.peak_tflops", "train.micro_batch_size",
+               "train.compile_cache", "eval.", "checkpoint.", "distributed.", "mesh.", "model.remat",
+               "model.scan_unroll", "model.attention",
                "model.logprob_chunk", "model.logprob_impl", "model.sampling_impl", "data.eval_path",
                "rollout.shared_prompt")
 

@@ -116,6 +116,8 @@ def run_two_processes(config, workdir, overrides):
   """``python -m jalign.train`` as two processes of 2 CPU devices each; returns their outputs."""
   port = portpicker.pick_unused_port()
   env = dict(os.environ, XLA_FLAGS="", JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu")
+  if "train.compile_cache" in overrides:  # the run's own cache applies, not the suite's
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
   args = [sys.executable, "-m", "jalign.train", "--config", config, "--workdir", workdir,
           f"--config.distributed.coordinator_address=127.0.0.1:{port}", "--config.distributed.num_processes=2"]
   args += [f"--config.{k}={v}" for k, v in overrides.items()]
@@ -128,8 +130,10 @@ def run_two_processes(config, workdir, overrides):
 
 def test_two_processes_match_single_process(reference, tmp_path):
   wd = str(tmp_path / "mp")
-  outs = run_two_processes("configs/sft_tiny.py", wd, OVERRIDES)
+  cache = tmp_path / "xla"
+  outs = run_two_processes("configs/sft_tiny.py", wd, {**OVERRIDES, "train.compile_cache": str(cache)})
   assert "2 process(es)" in outs[0]
+  assert any(cache.iterdir()), "train.compile_cache holds the compiled steps"
   ref, got = losses(reference), losses(wd)
   np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)], rtol=2e-5)
   assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["4", "6"]
