@@ -33,6 +33,7 @@ import logging
 import os
 import sys
 
+from jalign import config as config_lib
 from jalign.generation import Engine, SamplingParams
 
 # end-of-turn tokens of common Hugging Face chat templates: stop ids when the tokenizer has them
@@ -283,6 +284,8 @@ def _parser():
   p.add_argument("--logprobs", action="store_true", help="add per-token log-probs of each response")
   p.add_argument("--add-bos", dest="add_bos", type=lambda s: s.lower() in ("1", "true", "yes"))
   p.add_argument("--chat-template", choices=("nemo", "hf"))
+  p.add_argument("--compile-cache", default=config_lib.COMPILE_CACHE,
+                 help="JAX's persistent compilation cache: a restart loads the compiled sampler (\"\": off)")
   p.add_argument("--attributes", type=_attributes_arg,
                  help="SteerLM: desired attributes for every reply, 'quality:4,verbosity:0' or a JSON object "
                  "(a row's own 'attributes' key wins); rendered after <extra_id_2> as training rendered labels")
@@ -302,6 +305,7 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   args = _parser().parse_args(argv)
   args.output = args.output or os.path.splitext(args.input)[0] + ".generated.jsonl"
+  config_lib.enable_compile_cache(args.compile_cache)
 
   import jalign
   from jalign.data import DataError, TokenizerError

@@ -33,6 +33,8 @@ import time
 import uuid
 from typing import Literal
 
+from jalign import config as config_lib
+
 log = logging.getLogger("jalign.serve")
 
 NEMO_MAX_SENTENCES = 128  # as NeMo's server
@@ -786,6 +788,8 @@ def _parser():
   p.add_argument("--chat-template", choices=("nemo", "hf"), help="default: the run's, else nemo")
   p.add_argument("--add-bos", type=lambda s: s.lower() in ("1", "true", "yes"),
                  help="BOS before chat and completion prompts (default: the run's data.add_bos)")
+  p.add_argument("--compile-cache", default=config_lib.COMPILE_CACHE,
+                 help="JAX's persistent compilation cache: a restart loads the compiled sampler (\"\": off)")
   p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
   return p
 
@@ -807,6 +811,7 @@ def main(argv=None) -> int:
     print('jalign.serve: error: the server needs FastAPI and uvicorn: pip install -e ".[serve]"', file=sys.stderr)
     return 2
   logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+  config_lib.enable_compile_cache(args.compile_cache)
   from jalign.checkpoint import CheckpointError
   from jalign.data import DataError, TokenizerError
   try:

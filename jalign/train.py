@@ -104,21 +104,12 @@ def run(cfg, workdir: str, on_step=None) -> dict:
     r.ckpt.close()
 
 
-def enable_compile_cache(path: str) -> None:
-  """JAX's persistent compilation cache in ``path`` (``train.compile_cache``), unless JAX_COMPILATION_CACHE_DIR
-  names one already or ``path`` is empty: a run of shapes compiled before (the same config again, a resume)
-  loads its compiled steps instead of compiling them (the SFT benchmark's first step: 5 s -> 2 s)."""
-  import jax
-  if path and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
-
-
 def setup(cfg, workdir) -> Run:
   """Processes, algorithm, model config, tokenizer, mesh."""
   import jax
 
   from jalign import algorithms, checkpoint, data, sharding
-  enable_compile_cache(cfg.train.compile_cache)
+  config_lib.enable_compile_cache(cfg.train.compile_cache)
   sharding.maybe_initialize_distributed(cfg)
   r = Run(cfg, workdir)
   r.pid, r.nproc = jax.process_index(), jax.process_count()

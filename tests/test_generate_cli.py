@@ -213,3 +213,16 @@ def test_windows_align_to_multiples_of_their_size():
   """A resumed run batches the remaining rows as an uninterrupted run does, after its first window."""
   assert list(generate.windows(5, 40, 16)) == [(5, 16), (16, 32), (32, 40)]
   assert list(generate.windows(0, 16, 16)) == [(0, 16)] and list(generate.windows(16, 16, 16)) == []
+
+
+def test_compile_cache_keeps_the_compiled_sampler(tmp_path):
+  """``--compile-cache DIR`` (outside the suite's own cache) leaves the compiled prefill and decode in DIR."""
+  inp = _write(tmp_path / "in.jsonl", _eval_rows(2))
+  cache = tmp_path / "xla"
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  r = subprocess.run([sys.executable, "-m", "jalign.generate", "--checkpoint", MODEL, "--input", inp, "--output",
+                      str(tmp_path / "out.jsonl"), "--max-new-tokens", "4", "--compile-cache", str(cache)],
+                     capture_output=True, text=True, env=env)
+  assert r.returncode == 0, r.stderr
+  assert len(list(cache.iterdir())) >= 2, sorted(os.listdir(cache))
