@@ -66,9 +66,16 @@ def attention_reference(q_BTHD, k_BSKD, v_BSKD, *, q_segment_ids_BT=None, kv_seg
   mask_BTS = attention_mask(B, T, S, q_segment_ids_BT, kv_segment_ids_BS, q_positions_BT, kv_positions_BS, causal,
                             sliding_window, q_branch_ids_BT, kv_branch_ids_BS)
   scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
-  probs_BKQS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKD.dtype).reshape(B, K, G * T, S)
-  out_BKQD = jnp.einsum("bkqs,bksd->bkqd", probs_BKQS, v_BKSD)
-  out_BTHD = out_BKQD.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+  # softmax normalised after the values matmul, on [.., D] instead of [.., S] (as flash attention does): no pass
+  # dividing the probabilities, and the backward sums over D where softmax's sums over S; the max is a constant
+  # to the gradient (the softmax does not depend on it)
+  max_BKGT1 = jax.lax.stop_gradient(jnp.max(scores_BKGTS, axis=-1, keepdims=True))
+  unnorm_BKGTS = jnp.exp(scores_BKGTS - max_BKGT1)
+  sum_BKGT1 = jnp.sum(unnorm_BKGTS, axis=-1, keepdims=True)
+  out_BKQD = jnp.einsum("bkqs,bksd->bkqd", unnorm_BKGTS.astype(v_BSKD.dtype).reshape(B, K, G * T, S), v_BKSD,
+                        preferred_element_type=jnp.float32)
+  out_BKGTD = out_BKQD.reshape(B, K, G, T, D) / sum_BKGT1
+  out_BTHD = out_BKGTD.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
   return out_BTHD.astype(q_BTHD.dtype)
 
 
