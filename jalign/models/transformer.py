@@ -295,8 +295,8 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple:
   writing one layer of a stacked cache and reading it back copies the whole cache."""
   shape = (batch, cfg.num_kv_heads, length, cfg.dh)
   k_shape = (batch, cfg.num_kv_heads, cfg.dh, length) if k_cache_transposed(cfg) else shape
-  return tuple({n: sharding.constrain(jnp.zeros(sh, cfg.dtype), CACHE_AXES) for n, sh in (("k", k_shape), ("v", shape))}
-               for _ in range(cfg.num_layers))
+  return tuple({"k": sharding.constrain(jnp.zeros(k_shape, cfg.dtype), CACHE_AXES),
+                "v": sharding.constrain(jnp.zeros(shape, cfg.dtype), CACHE_AXES)} for _ in range(cfg.num_layers))
 
 
 def unstack_layers(params) -> dict:
@@ -326,11 +326,10 @@ def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids
   if kv is not None:
     B, T = positions_BT.shape
     rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-    # [B, T, K, D] rows written at [b, :, position_bt, :] (k transposed: at [b, :, :, position_bt])
-    at = {"v": lambda c: c.at[rows_BT, :, positions_BT],
-          "k": (lambda c: c.at[rows_BT, :, :, positions_BT]) if k_cache_transposed(cfg) else None}
-    at["k"] = at["k"] or at["v"]
-    kv = {n: sharding.constrain(at[n](kv[n]).set(x.astype(kv[n].dtype)), CACHE_AXES) for n, x in (("k", k), ("v", v))}
+    # [B, T, K, D] rows written at [b, :, position_bt, :] (transposed keys: at [b, :, :, position_bt])
+    k_at = kv["k"].at[rows_BT, :, :, positions_BT] if k_cache_transposed(cfg) else kv["k"].at[rows_BT, :, positions_BT]
+    kv = {"k": sharding.constrain(k_at.set(k.astype(kv["k"].dtype)), CACHE_AXES),
+          "v": sharding.constrain(kv["v"].at[rows_BT, :, positions_BT].set(v.astype(kv["v"].dtype)), CACHE_AXES)}
     k, v = kv["k"], kv["v"]
     S = v.shape[2]
     kv_positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
