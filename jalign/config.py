@@ -475,7 +475,6 @@ def to_json(cfg) -> str:
   return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=list)
 
 
-
 def enable_compile_cache(path: str) -> None:
   """JAX's persistent compilation cache in ``path`` (``train.compile_cache``, ``--compile-cache``), unless
   JAX_COMPILATION_CACHE_DIR names one already or ``path`` is empty: a process that compiles shapes compiled

@@ -44,24 +44,19 @@ def attention_reference(q_BTHD, k_BSKD, v_BSKD, *, q_segment_ids_BT=None, kv_seg
   [batch, kv_heads, kv_len, head_dim] (the KV cache's layout), which the matmuls use without a transposed copy;
   with ``k_transposed`` too, k comes as [batch, kv_heads, head_dim, kv_len] (the CPU cache's layout: the scores
   are then a plain matmul, where XLA:CPU transposes every [kv_len, head_dim] block of k at every decode step)."""
-  k_BKDS = None
-  if kv_heads_first and k_transposed:
-    k_BKDS, k_BSKD = k_BSKD, k_BSKD.transpose(0, 1, 3, 2)  # [B, K, S, D]: a view for the shapes only
-  if kv_heads_first:
-    k_BSKD, v_BSKD = k_BSKD.transpose(0, 2, 1, 3), v_BSKD.transpose(0, 2, 1, 3)  # undone below: no copy
+  heads_first = (lambda x: x) if kv_heads_first else (lambda x: x.transpose(0, 2, 1, 3))
+  v_BKSD = heads_first(v_BSKD)
   B, T, H, D = q_BTHD.shape
-  S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+  K, S = v_BKSD.shape[1], v_BKSD.shape[2]
   G = H // K
   scale = D ** -0.5 if scale is None else scale
   # [B, K, G*T, D] x [B, K, S, D]: one batch-matmul per (batch, kv head) with the query group folded into the
   # rows, contracting the last dims of both (no transposed copy of k).
   q_BKQD = q_BTHD.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
-  k_BKSD = k_BSKD.transpose(0, 2, 1, 3)
-  v_BKSD = v_BSKD.transpose(0, 2, 1, 3)
-  if k_BKDS is None:
-    scores = jnp.einsum("bkqd,bksd->bkqs", q_BKQD, k_BKSD, preferred_element_type=jnp.float32)
+  if kv_heads_first and k_transposed:  # k as given: [B, K, D, S]
+    scores = jnp.einsum("bkqd,bkds->bkqs", q_BKQD, k_BSKD, preferred_element_type=jnp.float32)
   else:
-    scores = jnp.einsum("bkqd,bkds->bkqs", q_BKQD, k_BKDS, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bkqd,bksd->bkqs", q_BKQD, heads_first(k_BSKD), preferred_element_type=jnp.float32)
   scores_BKGTS = scores.reshape(B, K, G, T, S) * scale
   mask_BTS = attention_mask(B, T, S, q_segment_ids_BT, kv_segment_ids_BS, q_positions_BT, kv_positions_BS, causal,
                             sliding_window, q_branch_ids_BT, kv_branch_ids_BS)

@@ -72,8 +72,7 @@ def sample(logits_BV, keys_B, *, temperature_B, top_k_B, top_p_B, min_p_B, k_cap
   logits_BV = logits_BV.astype(jnp.float32)
   inv_t_B1 = (1.0 / jnp.where(temperature_B <= 0, 1.0, temperature_B))[:, None]
   scaled_BV = logits_BV * inv_t_B1
-  m_B = jnp.max(scaled_BV, axis=-1)
-  logz_B = m_B + jnp.log(jnp.sum(jnp.exp(scaled_BV - m_B[:, None]), axis=-1))
+  logz_B = jax.nn.logsumexp(scaled_BV, axis=-1)
   choice_BV = scaled_BV
   if seen_BV is not None:
     choice_BV = jnp.where(seen_BV & (penalty_B != 1.0)[:, None],

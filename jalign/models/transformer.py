@@ -323,21 +323,22 @@ def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids
   k = sharding.constrain(apply_rope(k, *rope), ("batch", "length", "act_kv_heads", None))
   v = sharding.constrain(v, ("batch", "length", "act_kv_heads", None))
   kv_positions_BS = positions_BT
+  k_transposed = kv is not None and k_cache_transposed(cfg)
   if kv is not None:
     B, T = positions_BT.shape
     rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
     # [B, T, K, D] rows written at [b, :, position_bt, :] (transposed keys: at [b, :, :, position_bt])
-    k_at = kv["k"].at[rows_BT, :, :, positions_BT] if k_cache_transposed(cfg) else kv["k"].at[rows_BT, :, positions_BT]
+    k_at = kv["k"].at[rows_BT, :, :, positions_BT] if k_transposed else kv["k"].at[rows_BT, :, positions_BT]
     kv = {"k": sharding.constrain(k_at.set(k.astype(kv["k"].dtype)), CACHE_AXES),
           "v": sharding.constrain(kv["v"].at[rows_BT, :, positions_BT].set(v.astype(kv["v"].dtype)), CACHE_AXES)}
     k, v = kv["k"], kv["v"]
     S = v.shape[2]
     kv_positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-  extra = {"k_transposed": True} if kv is not None and k_cache_transposed(cfg) else {}
   attn = kernels.attention(q, k, v, implementation=cfg.attention, q_segment_ids_BT=segment_ids_BT,
                            q_positions_BT=positions_BT, kv_positions_BS=kv_positions_BS, causal=True,
                            sliding_window=cfg.sliding_window, kv_heads_first=kv is not None,
-                           q_branch_ids_BT=branch_ids_BT, causal_rows=kv is None, **extra)
+                           q_branch_ids_BT=branch_ids_BT, causal_rows=kv is None,
+                           **({"k_transposed": True} if k_transposed else {}))
   (o,) = _proj(("o",), attn, layer, lora, cfg, dt, drop_key)
   x_BTD = sharding.constrain(x_BTD + o, ("batch", "length", "act_embed"))
   h = rms_norm(x_BTD, layer["mlp_norm"], cfg.rms_norm_eps, cfg.norm_offset)
