@@ -170,8 +170,9 @@ def keep_quickstart_model(config: str, name: str, with_run_config: bool = False)
 
 
 def make_sft_model():
-  """The SFT quickstart's model: examples/tiny_sft_model."""
-  keep_quickstart_model("configs/quickstart.py", "tiny_sft_model")
+  """The SFT quickstart's model with its run's config.json (its tokenisation settings, which ``jalign.generate``,
+  ``jalign.serve`` and ``jalign.score`` read): examples/tiny_sft_model."""
+  keep_quickstart_model("configs/quickstart.py", "tiny_sft_model", with_run_config=True)
 
 
 def make_rm_model():

@@ -132,6 +132,21 @@ def test_nemo_chat_greedy_from_a_run(tmp_path):
     assert len(got[i]["logprobs"][0]) == len(ref) - 1
 
 
+def test_model_dir_config_supplies_add_bos(tmp_path):
+  """The shipped model directory holds its run's config.json: without --add-bos it generates as trained (with
+  BOS), and the flag still overrides."""
+  rows = _eval_rows(3)
+  inp = _write(tmp_path / "in.jsonl", rows)
+  outs = {}
+  for name, flags in (("default", []), ("bos", ["--add-bos", "true"]), ("no_bos", ["--add-bos", "false"])):
+    out = str(tmp_path / f"{name}.jsonl")
+    assert generate.main(["--checkpoint", MODEL, "--input", inp, "--output", out, "--max-new-tokens", "8",
+                          *flags]) == 0
+    outs[name] = [r["responses"] for r in _read(out)]
+  assert outs["default"] == outs["bos"] and outs["default"][0] == ["ghea"]
+  assert outs["no_bos"] != outs["bos"]
+
+
 def test_trl_and_raw_prompts_agree_with_nemo_rows(tmp_path):
   nemo = _eval_rows(3)
   trl = [{"messages": [{"role": "user", "content": r["conversations"][0]["value"]}]} for r in nemo]
