@@ -142,19 +142,22 @@ def test_sampling_frequencies():
   from scipy import stats
   logits = np.log(np.array([0.3, 0.25, 0.2, 0.1, 0.08, 0.05, 0.02]))
   N = 10_000
-  for T, top_k, top_p in [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 4, 1.0), (1.5, 0, 0.8)]:
+  # the last two run the library's min-p, and top-k, top-p and min-p together, inside sample()
+  for T, top_k, top_p, min_p in [(1.0, 0, 1.0, 0.0), (0.7, 0, 1.0, 0.0), (1.0, 4, 1.0, 0.0), (1.5, 0, 0.8, 0.0),
+                                 (1.0, 0, 1.0, 0.3), (1.2, 5, 0.9, 0.2)]:
     scaled = logits / T
-    keep = _sorted_reference(scaled, top_k, top_p, 0.0)
+    keep = _sorted_reference(scaled, top_k, top_p, min_p)
     want = np.where(keep, np.exp(scaled), 0)
     want /= want.sum()
     keys = jax.random.split(jax.random.PRNGKey(11), N)
     tok, lp = jax.jit(lambda k: sampling.sample(
         jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (N, 7)), k, temperature_B=jnp.full(N, T),
-        top_k_B=jnp.full(N, top_k), top_p_B=jnp.full(N, top_p), min_p_B=jnp.zeros(N), k_cap=8))(keys)
+        top_k_B=jnp.full(N, top_k), top_p_B=jnp.full(N, top_p), min_p_B=jnp.full(N, min_p), k_cap=8))(keys)
     counts = np.bincount(np.asarray(tok), minlength=7)
     assert counts[~keep].sum() == 0
+    assert keep.sum() < 7 or not (top_k or top_p < 1 or min_p)  # each truncating setting removes tokens
     _, pval = stats.chisquare(counts[keep], N * want[keep])
-    assert pval > 1e-4, (T, top_k, top_p, counts, want)
+    assert pval > 1e-4, (T, top_k, top_p, min_p, counts, want)
     np.testing.assert_allclose(np.asarray(lp), (scaled - np.log(np.exp(scaled).sum()))[np.asarray(tok)], atol=1e-5)
 
 
