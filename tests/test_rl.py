@@ -109,33 +109,40 @@ def test_rl_config_errors_are_one_line():
 
 
 def test_ppo_on_two_meshes_gives_the_same_run(tmp_path):
-  """PPO (policy, critic, frozen reference) data-parallel on 4 devices and on an (fsdp 2, tensor 2) mesh: the same
-  rollouts, rewards and losses."""
+  """PPO (policy, critic, frozen reference) on one device, data-parallel on 4 devices and on an (fsdp 2, tensor 2)
+  mesh: the same rollouts, rewards and losses."""
   over = ["--config.train.max_steps=2", "--config.checkpoint.every_steps=2", "--config.rollout.num_generations=2",
           "--config.train.global_batch_size=8"]
   # Each run in a fresh process with 4 simulated devices. XLA:CPU's in-process collectives inside the sampler's
   # while loop have deadlocked (all devices but one blocked, one waiting in an all-gather rendezvous) on this
   # 2-core machine with 8 devices; a run that hangs is retried once, a wrong result never is.
-  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
-      "--xla_force_host_platform_device_count=8", "--xla_force_host_platform_device_count=4"))
-  for name, mesh in (("dp", []), ("3d", ["--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"])):
+  def env(devices):
+    return dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
+        "--xla_force_host_platform_device_count=8", f"--xla_force_host_platform_device_count={devices}"))
+
+  for name, mesh, devices in (("one", [], 1), ("dp", [], 4),
+                              ("3d", ["--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"], 4)):
     cmd = [sys.executable, "-m", "jalign.train", "--config", "configs/ppo_quickstart.py", *SMALL, *over, *mesh,
            "--workdir", str(tmp_path / name)]
     for attempt in range(2):
       try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env(devices))
         break
       except subprocess.TimeoutExpired:
         shutil.rmtree(tmp_path / name, ignore_errors=True)
         if attempt:
           raise
     assert r.returncode == 0, (name, r.returncode, r.stderr[-3000:])
-  a, b = _metrics(tmp_path / "dp"), _metrics(tmp_path / "3d")
+  one = _metrics(tmp_path / "one")
   keys = ("train_rollouts/rewards", "train_rollouts/response_lengths", "train_optim/loss", "train_optim/critic_loss")
-  for ra, rb in zip(a, b):
-    for k in keys:
-      if k in ra:
-        assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)
+  assert {k for r in one for k in r} >= set(keys)
+  for other in ("dp", "3d"):
+    got = _metrics(tmp_path / other)
+    assert len(got) == len(one), other
+    for ra, rb in zip(one, got):
+      for k in keys:
+        if k in ra:
+          assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (other, ra["step"], k)
 
 
 def one_character(prompts, responses, rows):
