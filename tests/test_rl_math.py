@@ -899,3 +899,49 @@ def test_grpo_on_policy_step_needs_no_old_logprob_pass():
   for a, b in zip(jax.tree.leaves(g_on), jax.tree.leaves(g_fed)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_on)) > 0
+
+
+class _EchoEngine:
+  """A stand-in sampler: sample j of prompt ids continues with [ids[0], 100 + j] (one token identifies the
+  prompt, the other the sample), so a row says which prompt and sample it came from."""
+  params = None
+
+  def generate(self, ids, sp, *, n, stop_ids, seed):
+    return [[{"tokens": [p[0], 100 + j], "logprobs": [-1.0, -1.0], "finished": True} for j in range(n)]
+            for p in ids]
+
+
+def _rollout_rows(pid, nproc, num_prompts=8, G=4, micro=2):
+  """The first training batch of process ``pid`` of ``nproc`` in a GRPO run over 16 prompts (ids [i + 1])."""
+  cfg = make_cfg("grpo", rollout__num_prompts=num_prompts, rollout__num_generations=G, rollout__max_new_tokens=2,
+                 rollout__max_prompt_len=4, train__global_batch_size=num_prompts * G)
+  prompts = [({"prompt": str(i)}, [i + 1]) for i in range(16)]
+  tok = type("Tok", (), {"pad_id": 0, "decode": staticmethod(lambda ids: " ".join(map(str, ids)))})()
+  responses = type("Resp", (), {"stops": set(), "__call__": lambda self, s: (str(s["tokens"]), None, True)})()
+  rewards = lambda s: (np.array([float(t.endswith("100]")) for t in s.responses]), {})  # sample 0 of each prompt
+  src = source.ExperienceSource(
+      cfg=cfg, algo=grpo, prompts=prompts, tok=tok, engine=_EchoEngine(), score=lambda state, rows: {},
+      policy=lambda state: None, rewards=rewards, responses=responses, moments=source.global_moments,
+      local_batch=num_prompts * G // nproc, n_micro=micro, process_index=pid, process_count=nproc)
+  rows, _ = src.next(None)
+  return rows
+
+
+def test_groups_stay_on_their_process_and_micro_batch():
+  """With 2 processes each process samples its own prompts (disjoint, together the single-process rollout's), and
+  every micro-batch of every process holds whole groups: the G samples of a prompt, never split."""
+  G, micro = 4, 2
+  single = _rollout_rows(0, 1, G=G, micro=micro)
+  per_proc = [_rollout_rows(p, 2, G=G, micro=micro) for p in range(2)]
+  prompt_of = lambda rows: rows["tokens"][:, 1]  # row = [prompt id, prompt id, 100 + j, ...]
+  sets = [set(prompt_of(r).tolist()) for r in per_proc]
+  assert not sets[0] & sets[1] and sets[0] | sets[1] == set(prompt_of(single).tolist()) and len(sets[0]) == 4
+  for rows in per_proc + [single]:
+    assert len(rows["tokens"]) == len(prompt_of(rows)) and (rows["tokens"][:, 0] == rows["tokens"][:, 1]).all()
+    for m in range(micro):  # the trainer's interleaved split: micro-batch m takes rows m, m + micro, ...
+      mb = rows["tokens"][m::micro]
+      for p in set(mb[:, 1].tolist()):
+        assert sorted(mb[mb[:, 1] == p, 2].tolist()) == [100 + j for j in range(G)], (m, p)
+      # group-normalised advantages: sample 0 (reward 1) above the group's other samples (reward 0)
+      adv = rows["advantages"][m::micro].max(axis=1)
+      assert (adv[mb[:, 2] == 100] > 0).all() and (adv[mb[:, 2] != 100] <= 0).all()
