@@ -66,12 +66,24 @@ def test_bf16_cached_logits_close_to_full_forward():
     parts.append(h)
   cached = transformer.logits_from_hidden(params, jnp.concatenate(parts, 1), cfg)
   np.testing.assert_allclose(np.asarray(cached), np.asarray(full), atol=0.05 * float(jnp.abs(full).max()))
-  # the engine runs in bf16; its greedy tokens mostly agree with the fp32 model's
+  # the engine's bf16 greedy decode: each token is the bf16 full forward's argmax over the engine's own prefix, up
+  # to bf16 rounding (a near-tie may go either way), and its log-probs are that forward's, within bf16 tolerance
   prompts = _prompts()
   got = Engine(params, cfg, batch_size=4, max_new_tokens=8).generate(prompts)
-  want = Engine(_params(CFG), CFG, batch_size=4, max_new_tokens=8).generate(prompts)
-  agree = np.mean([a == b for g, w in zip(got, want) for a, b in zip(g[0]["tokens"], w[0]["tokens"])])
-  assert agree >= 0.5 and all(len(g[0]["tokens"]) == 8 for g in got)
+  ties = 0
+  for prompt, (sample,) in zip(prompts, got):
+    toks = sample["tokens"]
+    assert len(toks) == 8
+    seq = jnp.asarray([prompt + toks])
+    logits = np.asarray(transformer.forward(params, seq, cfg), np.float32)[0, len(prompt) - 1:-1]
+    tol = float(np.abs(logits).max()) / 64  # a few bf16 roundings (8 mantissa bits) of the largest logit
+    chosen = logits[np.arange(8), toks]
+    assert (chosen >= logits.max(-1) - tol).all(), (chosen, logits.max(-1))
+    ties += int((chosen < logits.max(-1)).sum())
+    lsm = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+    np.testing.assert_allclose(sample["logprobs"], lsm[np.arange(8), toks], atol=tol)
+  assert ties <= 2, ties  # of 32 steps (none measured): the argmax, not bf16 noise, decides
 
 
 def test_sampled_logprobs_equal_trainer_rescoring():
