@@ -1410,8 +1410,11 @@ def print_rl_table(rows, anchor="trl"):
 def _in_child(call: str, threads: int, with_torch: bool, label: str, pythonpath: str = "", env=None) -> dict:
   """``bench.<call>`` in a fresh Python process limited to ``threads`` threads; returns the dict it prints.
   ``env`` (sft/dpo): no inherited JAX persistent compilation cache, then these variables."""
+  # PYTHONSAFEPATH: the working directory (often the repository root) stays off sys.path, so its kernels/ does not
+  # shadow Hugging Face's `kernels` package that transformers imports
   child_env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore",
-                   TOKENIZERS_PARALLELISM="false", JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+                   TOKENIZERS_PARALLELISM="false", JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
+                   PYTHONSAFEPATH="1")
   child_env.pop("XLA_FLAGS", None)
   if env is not None:
     for k in [k for k in child_env if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))]:

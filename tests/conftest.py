@@ -14,6 +14,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".pytest_cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+# The repository's top-level kernels/ (imported as jalign.kernels) must not shadow Hugging Face's `kernels`
+# package, which transformers >= 5.25 imports: `python -m pytest` puts the repository root first on sys.path, so it
+# comes off, and subprocesses (python -m / -c, whose cwd is the root) get PYTHONSAFEPATH.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
+os.environ["PYTHONSAFEPATH"] = "1"
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 os.chdir(ROOT)  # configs refer to examples/ relative to the repository root
 
