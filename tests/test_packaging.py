@@ -19,8 +19,8 @@ def test_setup_cfg_lists_every_package():
   cfg = configparser.ConfigParser()
   cfg.read(os.path.join(ROOT, "setup.cfg"))
   listed = set(cfg["options"]["packages"].split())
-  dirs = dict(line.split("=") for line in cfg["options"]["package_dir"].strip().splitlines())
-  dirs = {k.strip(): v.strip() for k, v in dirs.items()}
+  lines = cfg["options"]["package_dir"].strip().splitlines()
+  dirs = {k.strip(): v.strip() for k, v in (line.split("=") for line in lines)}
   assert dirs["jalign.kernels"] == "kernels"
   expected = _on_disk("jalign", "jalign") | _on_disk("kernels", "jalign.kernels")
   assert listed == expected, (sorted(expected - listed), sorted(listed - expected))

@@ -336,6 +336,12 @@ def run_steps(loss_fn, finalize, optimizer, state, batch, n_micros):
   return out
 
 
+def sgd_state(params):
+  """A train state at step 0 with plain SGD (lr 0.5): the updated params show the gradient directly."""
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": {}, "opt_state": optax.sgd(0.5).init(params),
+          "rng": jax.random.PRNGKey(0)}
+
+
 def assert_same_steps(out, param_atol=1e-7):
   """Loss, grad norm, weight, every metric and the updated params equal those of n_micro=1."""
   p0, m0 = out[1]
@@ -377,8 +383,7 @@ def test_grpo_step_independent_of_micro_batches(mode):
   sums = np.where(m, per, 0.0)
   want = {"token_mean": sums.sum() / m.sum(), "dr_grpo": sums.sum() / (valid.sum() * 9),
           "sequence_mean": (sums.sum(1)[valid] / m.sum(1)[valid]).mean()}[mode]
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": {}, "opt_state": optax.sgd(0.5).init(params),
-           "rng": jax.random.PRNGKey(0)}
+  state = sgd_state(params)
   out = run_steps(grpo.make_loss(cfg, MODEL), grpo.finalize, optax.sgd(0.5), state, rows, (1, 2, 4))
   assert float(out[1][1]["loss"]) == pytest.approx(want, rel=1e-4)
   assert float(out[1][1]["ppo_ratio"]) == pytest.approx(rho[m].mean(), rel=1e-4)  # token means whatever the mode
@@ -445,8 +450,7 @@ def test_grpo_tis_cap_weights_each_token():
   assert (w[m] == 1.5).any() and (w[m] < 1.5).any()
   rho, a = np.exp(lp - rows["old_logps"]), rows["advantages"]
   per = np.maximum(-a * rho, -a * np.clip(rho, 0.8, 1.2)) * w
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": {}, "opt_state": optax.sgd(0.5).init(params),
-           "rng": jax.random.PRNGKey(0)}
+  state = sgd_state(params)
   out = run_steps(grpo.make_loss(cfg, MODEL), grpo.finalize, optax.sgd(0.5), state, rows, (1,))
   assert float(out[1][1]["loss"]) == pytest.approx(np.where(m, per, 0.0).sum() / m.sum(), rel=1e-4)
 
@@ -463,8 +467,7 @@ def test_rloo_step_independent_of_micro_batches():
   rows["advantages"] = np.where(tmask, np.repeat(rng.normal(size=(8, 1)), lp.shape[1], 1), 0.0).astype(np.float32)
   m = tmask & (rows["weight"][:, None] > 0)
   want = np.where(m, -lp * rows["advantages"], 0.0).sum() / m.sum()
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": {}, "opt_state": optax.sgd(0.5).init(params),
-           "rng": jax.random.PRNGKey(0)}
+  state = sgd_state(params)
   out = run_steps(rloo.make_loss(cfg, MODEL), rloo.finalize, optax.sgd(0.5), state, rows, (1, 2))
   assert float(out[1][1]["loss"]) == pytest.approx(want, rel=1e-4)
   assert float(out[1][1]["logprob"]) == pytest.approx(lp[m].mean(), rel=1e-4)
@@ -560,8 +563,7 @@ def test_shared_prompt_grpo_step_equals_separate_rows():
   rows["advantages"] = np.where(tmask, rng.normal(size=(len(lp), 1)), 0.0).astype(np.float32)
   (order,) = source.arrange(len(lp), G, len(lp), 2, np.random.default_rng(0))  # the source's micro-batch order
   rows = {k: v[order] for k, v in rows.items()}
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "frozen": {}, "opt_state": optax.sgd(0.5).init(params),
-           "rng": jax.random.PRNGKey(0)}
+  state = sgd_state(params)
   out = {}
   for mode in ("on", "off"):
     cfg = make_cfg("grpo", rollout__num_generations=G, rollout__max_new_tokens=W, rollout__max_prompt_len=5,
@@ -937,7 +939,7 @@ def test_groups_stay_on_their_process_and_micro_batch():
   sets = [set(prompt_of(r).tolist()) for r in per_proc]
   assert not sets[0] & sets[1] and sets[0] | sets[1] == set(prompt_of(single).tolist()) and len(sets[0]) == 4
   for rows in per_proc + [single]:
-    assert len(rows["tokens"]) == len(prompt_of(rows)) and (rows["tokens"][:, 0] == rows["tokens"][:, 1]).all()
+    assert (rows["tokens"][:, 0] == rows["tokens"][:, 1]).all()
     for m in range(micro):  # the trainer's interleaved split: micro-batch m takes rows m, m + micro, ...
       mb = rows["tokens"][m::micro]
       for p in set(mb[:, 1].tolist()):
