@@ -21,17 +21,3 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
 os.environ["PYTHONSAFEPATH"] = "1"
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 os.chdir(ROOT)  # configs refer to examples/ relative to the repository root
-
-
-def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: a full quickstart run (minutes); runs with JALIGN_SLOW_TESTS=1")
-
-
-def pytest_collection_modifyitems(config, items):
-  if os.environ.get("JALIGN_SLOW_TESTS", "0") not in ("", "0"):
-    return
-  import pytest
-  skip = pytest.mark.skip(reason="a full quickstart run: set JALIGN_SLOW_TESTS=1")
-  for item in items:
-    if "slow" in item.keywords:
-      item.add_marker(skip)
