@@ -173,6 +173,33 @@ def test_sampling_frequencies():
     np.testing.assert_allclose(np.asarray(lp), (scaled - np.log(np.exp(scaled).sum()))[np.asarray(tok)], atol=1e-5)
 
 
+def test_two_level_draw_is_the_inverse_cdf():
+  """``draw_from`` (blocks of 128, then one block's entries) picks, for each row's uniform u, the first index whose
+  float64 cumulative weight exceeds u x total, over a vocabulary of 300 (three blocks, the last padded) with
+  mostly-zero weights, a row whose only weight is in the padded last block and one with a weight below float32's
+resolution after another; a zero weight is never chosen."""
+  rng = np.random.default_rng(0)
+  B, V = 2000, 300
+  w = rng.random((B, V)) * (rng.random((B, V)) < 0.3)
+  w[:, 0] += 1e-3  # no empty row
+  w[0] = 0.0
+  w[0, V - 1] = 1.0  # the only weight in the padded last block
+  w[1] = 0.0
+  w[1, [0, 200]] = [1.0, 1e-9]  # a weight float32 sums cannot see after 1.0
+  w = w.astype(np.float32)
+  keys = jax.random.split(jax.random.PRNGKey(3), B)
+  got = np.asarray(jax.jit(sampling.draw_from)(jnp.asarray(w), keys))
+  u = np.asarray(jax.vmap(lambda k: jax.random.uniform(k, dtype=jnp.float32))(keys), np.float64)
+  cdf = np.cumsum(w.astype(np.float64), axis=1)
+  target = u * cdf[:, -1]
+  want = np.minimum((cdf <= target[:, None]).sum(axis=1), V - 1)
+  assert (w[np.arange(B), got] > 0).all()
+  assert got[0] == V - 1 and got[1] in (0, 200)
+  # rows whose u falls within float32 rounding of a boundary may differ by one entry
+  near = np.abs(cdf[np.arange(B), np.maximum(want - 1, 0)] - target) < 1e-5 * cdf[:, -1]
+  assert (got == want)[~near].all() and (~near).sum() > 1900
+
+
 def test_repetition_penalty_and_min_tokens():
   logits = jnp.asarray([[2.0, -1.0, 1.5, 0.5]])
   seen = jnp.asarray([[True, True, False, False]])

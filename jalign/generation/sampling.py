@@ -51,13 +51,26 @@ def apply_repetition_penalty(logits_BV, seen_BV, penalty_B):
   return jnp.where(seen_BV, jnp.where(logits_BV > 0, logits_BV / p, logits_BV * p), logits_BV)
 
 
-def draw_from(weights_BV, keys_B):
+def draw_from(weights_BV, keys_B, block: int = 128):
   """One index per row with probability proportional to ``weights_BV`` (>= 0), by inverse CDF: one uniform
-  number per row and a cumulative sum, instead of random noise for every vocabulary entry."""
-  cdf_BV = jnp.cumsum(weights_BV, axis=-1)
-  u_B = jax.vmap(lambda k: jax.random.uniform(k, dtype=jnp.float32))(keys_B) * cdf_BV[:, -1]
-  idx_B = jnp.sum(cdf_BV <= u_B[:, None], axis=-1)  # the first index whose cdf exceeds u (never a zero weight)
-  return jnp.minimum(idx_B, weights_BV.shape[-1] - 1)
+  number per row against the cumulative weights, instead of random noise for every vocabulary entry. The CDF is
+  taken in two levels (blocks of ``block`` entries, then the entries of the one block the draw falls in): a full
+  cumulative sum over the vocabulary is XLA:CPU's slowest op here. A zero weight is never chosen."""
+  B, V = weights_BV.shape
+  nb = -(-V // block)
+  w_BNK = jnp.pad(weights_BV, ((0, 0), (0, nb * block - V))).reshape(B, nb, block)
+  last = lambda x: jnp.max(jnp.where(x > 0, jax.lax.broadcasted_iota(jnp.int32, x.shape, 1), 0), axis=-1)
+  sums_BN = jnp.sum(w_BNK, axis=-1)
+  cdf_BN = jnp.cumsum(sums_BN, axis=-1)
+  u_B = jax.vmap(lambda k: jax.random.uniform(k, dtype=jnp.float32))(keys_B) * cdf_BN[:, -1]
+  # the first block (then entry) whose cumulative weight exceeds u; rounding can leave u past a block's own
+  # total, so each level is capped at its last positive weight
+  j_B = jnp.minimum(jnp.sum(cdf_BN <= u_B[:, None], axis=-1), last(sums_BN))
+  before_B = jnp.where(j_B > 0, jnp.take_along_axis(cdf_BN, jnp.maximum(j_B - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
+  w_BK = jnp.take_along_axis(w_BNK, j_B[:, None, None], axis=1)[:, 0]
+  cdf_BK = before_B[:, None] + jnp.cumsum(w_BK, axis=-1)
+  i_B = jnp.minimum(jnp.sum(cdf_BK <= u_B[:, None], axis=-1), last(w_BK))
+  return j_B * block + i_B
 
 
 def sample(logits_BV, keys_B, *, temperature_B, top_k_B, top_p_B, min_p_B, k_cap: int, penalty_B=None,
