@@ -173,7 +173,7 @@ def test_each_algorithm_raises_its_reward(tmp_path, name, extra):
 
 @pytest.mark.parametrize("name", ["grpo", "rloo", "ppo"])
 def test_quickstart_raises_the_toy_grader_on_held_out_prompts(tmp_path, name):
-  """``configs/{grpo,rloo,ppo}_quickstart.py`` as shipped (about 1.5, 2 and 2 minutes on 2 cores): the greedy
+  """``configs/{grpo,rloo,ppo}_quickstart.py`` as shipped (about 1.5, 2 and 3 minutes on 2 cores): the greedy
   mean toy-grader reward on the 200 held-out prompts rises from 0.291 by more than 0.04 (seeded, not timed;
   measured +0.05 to +0.085 over seeds 0-2). Greedy evaluation of the untrained model does not depend on the seed,
   so its spread over seeds is 0."""
