@@ -193,7 +193,8 @@ def sample(logits_BV, keys_B, *, temperature_B, top_k_B, top_p_B, min_p_B, k_cap
 def sample_reference(logits_BV, keys_B, *, temperature_B, top_k_B, top_p_B, min_p_B, k_cap: int, penalty_B=None,
                      seen_BV=None, banned_BV=None, **kernel_options):
   """``sample`` in plain XLA: the engine's algorithm on whole rows (every row runs every step; the engine skips
-  steps no row uses, which changes nothing). ``kernel_options`` are accepted and ignored."""
+  steps no row uses, which changes nothing), its draw by one cumulative sum over the vocabulary where the engine
+  takes it in blocks (the same draw up to float rounding). ``kernel_options`` are accepted and ignored."""
   del kernel_options
   B, V = logits_BV.shape
   x_BV = logits_BV.astype(jnp.float32)

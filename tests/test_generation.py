@@ -177,7 +177,7 @@ def test_two_level_draw_is_the_inverse_cdf():
   """``draw_from`` (blocks of 128, then one block's entries) picks, for each row's uniform u, the first index whose
   float64 cumulative weight exceeds u x total, over a vocabulary of 300 (three blocks, the last padded) with
   mostly-zero weights, a row whose only weight is in the padded last block and one with a weight below float32's
-resolution after another; a zero weight is never chosen."""
+  resolution after another; a zero weight is never chosen."""
   rng = np.random.default_rng(0)
   B, V = 2000, 300
   w = rng.random((B, V)) * (rng.random((B, V)) < 0.3)
