@@ -37,17 +37,18 @@ def _greedy_by_full_forward(params, cfg, prompt, n):
   return buf[0, len(prompt):len(prompt) + n].tolist()
 
 
-@pytest.mark.parametrize("name, overrides, lora", [
-    ("gqa", {}, 0.0),
-    ("mqa_sliding_window", {"num_kv_heads": 1, "sliding_window": 5}, 0.0),
-    ("lora", {"lora_rank": 4, "lora_targets": ("q", "v", "down")}, 0.3),
-    ("qkv_bias_tied", {"qkv_bias": True, "tie_embeddings": True}, 0.0),
+@pytest.mark.parametrize("name, overrides, lora, block", [
+    ("gqa", {}, 0.0, 64),
+    ("gqa_phases", {}, 0.0, 4),  # attended lengths 4, 8, 16, 28: the longest prompt (14) starts in the third
+    ("mqa_sliding_window", {"num_kv_heads": 1, "sliding_window": 5}, 0.0, 64),
+    ("lora", {"lora_rank": 4, "lora_targets": ("q", "v", "down")}, 0.3, 64),
+    ("qkv_bias_tied", {"qkv_bias": True, "tie_embeddings": True}, 0.0, 64),
 ])
-def test_cached_greedy_equals_full_forward_argmax(name, overrides, lora):
+def test_cached_greedy_equals_full_forward_argmax(name, overrides, lora, block):
   cfg = dataclasses.replace(CFG, **overrides)
   params = _params(cfg, lora_scale=lora)
   prompts = _prompts()
-  out = Engine(params, cfg, batch_size=4, max_new_tokens=12).generate(prompts)
+  out = Engine(params, cfg, batch_size=4, max_new_tokens=12, attend_block=block).generate(prompts)
   for prompt, samples in zip(prompts, out):
     assert samples[0]["tokens"] == _greedy_by_full_forward(params, cfg, prompt, 12), name
 
@@ -283,7 +284,7 @@ def test_slots_continuous_batching_equals_batch_generation():
   from jalign.generation.engine import Slots
   params = _params(CFG)
   prompts = _prompts(lengths=(3, 9, 14, 6, 5))
-  eng = Engine(params, CFG, batch_size=8, max_new_tokens=12)
+  eng = Engine(params, CFG, batch_size=8, max_new_tokens=12, attend_block=4)  # slots: phases 4 .. 28 per chunk
   sps = [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.8), SamplingParams(max_new_tokens=4),
          SamplingParams(temperature=1.2, top_k=5), SamplingParams(min_tokens=2)]
   free = eng.generate(prompts, sps, seed=[10 + i for i in range(5)])

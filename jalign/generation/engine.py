@@ -148,44 +148,66 @@ def prefill(params, tokens_BP, len_B, rows, *, cfg, n: int, max_new: int, k_cap:
   return _accept(st, token_B, logp_B)
 
 
-def decode_step(params, cfg, st, *, k_cap: int):
-  """Feed each row's last token (slot len_b - 1) and sample the next."""
+def decode_step(params, cfg, st, *, k_cap: int, attend: int = 0):
+  """Feed each row's last token (slot len_b - 1) and sample the next; attention reads the first ``attend`` cache
+  slots (0: all), which must hold every live row's slot len_b - 1."""
   B, S = st["tokens_BS"].shape
   pos_B = st["len_B"] - 1
   last_B1 = jnp.take_along_axis(st["tokens_BS"], pos_B[:, None], axis=1)
-  h_B1D, cache = transformer.cached_hidden_states(params, last_B1, cfg, st["cache"], pos_B)
+  h_B1D, cache = transformer.cached_hidden_states(params, last_B1, cfg, st["cache"], pos_B, attend=attend)
   logits_BV = transformer.logits_from_hidden(params, h_B1D, cfg)[:, 0]
   token_B, logp_B = _sample(logits_BV, st, k_cap, cfg)
   return _accept({**st, "cache": cache}, token_B, logp_B)
 
 
-def decode(params, cfg, st, *, k_cap: int, max_steps: int):
-  """Decode until every row is done (or ``max_steps``): one while_loop, no host sync per token."""
+ATTEND_BLOCK = 64  # the first decode phase attends over this many cache slots; each next phase over twice as many
+
+
+def attend_phases(cache_len: int, block: int = ATTEND_BLOCK) -> list[int]:
+  """The attended cache lengths of the decode phases: block, 2 block, 4 block, ... below the cache, then all of it."""
+  out, n = [], block
+  while n < cache_len:
+    out.append(n)
+    n *= 2
+  return out + [cache_len]
+
+
+def decode(params, cfg, st, *, k_cap: int, max_steps: int, block: int = ATTEND_BLOCK):
+  """Decode until every row is done (or ``max_steps`` steps): no host sync per token. The steps run in phases,
+  one while_loop each (``attend_phases``): a phase attends over the first L cache slots and runs while every live
+  row's next slot is below L, so attention reads what the rows hold (rounded up to a power of two of blocks), not
+  the whole cache. A phase the prompts already outgrew runs no step."""
   params = transformer.unstack_layers(params)
-  def cond(c):
-    i, s = c
-    return (i < max_steps) & ~jnp.all(s["done_B"])
+  i, S = jnp.zeros((), jnp.int32), st["tokens_BS"].shape[1]
+  for L in attend_phases(S, block):
+    def cond(c, L=L):
+      i, s = c
+      longest = jnp.max(jnp.where(s["done_B"], 0, s["len_B"]))  # the step reads slots < len_b of live rows
+      return (i < max_steps) & ~jnp.all(s["done_B"]) & (longest <= L)
 
-  def body(c):
-    i, s = c
-    return i + 1, decode_step(params, cfg, s, k_cap=k_cap)
+    def body(c, L=L):
+      i, s = c
+      return i + 1, decode_step(params, cfg, s, k_cap=k_cap, attend=L)
 
-  return jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), st))[1]
+    i, st = jax.lax.while_loop(cond, body, (i, st))
+  return st
 
 
 class Engine:
   """Compiled prefill/decode for one model. ``generate`` pads the batch to ``batch_size`` and prompts to the next
-  bucket, so each (bucket, n) compiles once; sampling values, seeds and stops are arrays."""
+  bucket, so each (bucket, n) compiles once; sampling values, seeds and stops are arrays. ``attend_block``: the
+  attended cache length of the first decode phase (``attend_phases``)."""
 
   def __init__(self, params, cfg, *, batch_size: int = 8, max_new_tokens: int = 64, top_k_cap: int = 64,
                prompt_buckets=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096), pad_id: int = 0, mesh=None,
-               rules=None):
+               rules=None, attend_block: int = ATTEND_BLOCK):
     self.params, self.cfg, self.batch_size, self.max_new = params, cfg, batch_size, max_new_tokens
     self.k_cap, self.buckets, self.pad_id = top_k_cap, tuple(sorted(prompt_buckets)), pad_id
     self._wrap = (lambda f: sharding.bind(f, mesh, rules)) if mesh is not None else (lambda f: f)
     self._prefills = {}  # one per n
-    self._decode = jax.jit(self._wrap(lambda p, st: decode(p, cfg, st, k_cap=top_k_cap, max_steps=max_new_tokens)),
-                           donate_argnums=(1,))
+    self.attend_block = attend_block
+    self._decode = jax.jit(self._wrap(lambda p, st: decode(p, cfg, st, k_cap=top_k_cap, max_steps=max_new_tokens,
+                                                           block=attend_block)), donate_argnums=(1,))
 
   def _prefill(self, *args, n):
     if n not in self._prefills:
@@ -265,10 +287,10 @@ class Engine:
     return res
 
 
-def decode_chunk(params, cfg, st, *, k_cap: int, steps: int):
-  """``steps`` decode steps (rows already done stay as they are): what a server runs between admissions."""
-  params = transformer.unstack_layers(params)
-  return jax.lax.fori_loop(0, steps, lambda _, s: decode_step(params, cfg, s, k_cap=k_cap), st)
+def decode_chunk(params, cfg, st, *, k_cap: int, steps: int, block: int = ATTEND_BLOCK):
+  """``steps`` decode steps (rows already done stay as they are; the chunk ends early when all are): what a server
+  runs between admissions."""
+  return decode(params, cfg, st, k_cap=k_cap, max_steps=steps, block=block)
 
 
 def insert(st, row, slot):
@@ -299,7 +321,8 @@ class Slots:
     self._prefill = jax.jit(eng._wrap(lambda p, t, l, r: prefill(
         p, t, l, r, cfg=cfg, n=1, max_new=eng.max_new, k_cap=eng.k_cap, cache_len=self.cache_len)))
     self._insert = jax.jit(eng._wrap(insert), donate_argnums=(0,))
-    self._chunk = jax.jit(eng._wrap(lambda p, st, steps: decode_chunk(p, cfg, st, k_cap=eng.k_cap, steps=steps)),
+    self._chunk = jax.jit(eng._wrap(lambda p, st, steps: decode_chunk(p, cfg, st, k_cap=eng.k_cap, steps=steps,
+                                                                      block=eng.attend_block)),
                           static_argnums=(2,), donate_argnums=(1,))
     # all slots start done: a one-token prompt with max_new_tokens=1, never read
     self.state = self._prefill_rows([[0]] * size, [SamplingParams(max_new_tokens=1)] * size, [0] * size,

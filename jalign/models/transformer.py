@@ -311,9 +311,10 @@ def unstack_layers(params) -> dict:
 
 
 def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids_BT, drop_key, kv=None,
-           branch_ids_BT=None):
-  """One layer. ``kv``: this layer's cache; write its keys/values at slots ``positions_BT`` and attend over all of
-  its slots (the causal mask on positions hides the slots not yet written); returns (x, kv) then."""
+           branch_ids_BT=None, attend: int = 0):
+  """One layer. ``kv``: this layer's cache; write its keys/values at slots ``positions_BT`` and attend over its
+  slots (the first ``attend`` of them when > 0; the causal mask on positions hides the slots not yet written);
+  returns (x, kv) then."""
   dt = jnp.dtype(cfg.dtype)
   h = rms_norm(x_BTD, layer["attn_norm"], cfg.rms_norm_eps, cfg.norm_offset)
   q, k, v = _proj(("q", "k", "v"), h, layer, lora, cfg, dt, drop_key)
@@ -331,8 +332,10 @@ def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids
     k_at = kv["k"].at[rows_BT, :, :, positions_BT] if k_transposed else kv["k"].at[rows_BT, :, positions_BT]
     kv = {"k": sharding.constrain(k_at.set(k.astype(kv["k"].dtype)), CACHE_AXES),
           "v": sharding.constrain(kv["v"].at[rows_BT, :, positions_BT].set(v.astype(kv["v"].dtype)), CACHE_AXES)}
-    k, v = kv["k"], kv["v"]
-    S = v.shape[2]
+    S = kv["v"].shape[2]
+    S = min(attend, S) if attend > 0 else S
+    k = kv["k"][..., :S] if k_transposed else kv["k"][:, :, :S]
+    v = kv["v"][:, :, :S]
     kv_positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
   attn = kernels.attention(q, k, v, implementation=cfg.attention, q_segment_ids_BT=segment_ids_BT,
                            q_positions_BT=positions_BT, kv_positions_BS=kv_positions_BS, causal=True,
@@ -350,11 +353,13 @@ def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids
   return x_BTD if kv is None else (x_BTD, kv)
 
 
-def cached_hidden_states(params, tokens_BT, cfg: ModelConfig, cache, start_B):
+def cached_hidden_states(params, tokens_BT, cfg: ModelConfig, cache, start_B, attend: int = 0):
   """Final-norm hidden states [B, T, D] of ``tokens_BT`` placed at positions (= cache slots) ``start_B`` ..
   ``start_B + T - 1`` of each row, attending to everything the cache holds before them; returns (h, cache).
-  Layers run as a Python loop, each updating its own cache buffer in place; ``params`` may hold the layers
-  stacked or as lists (``unstack_layers``, what a decode loop passes)."""
+  ``attend`` > 0: attention reads only the first ``attend`` slots (every position written so far must lie below
+  it), so a decode step's cost follows the longest sequence, not the cache's size. Layers run as a Python loop,
+  each updating its own cache buffer in place; ``params`` may hold the layers stacked or as lists
+  (``unstack_layers``, what a decode loop passes)."""
   B, T = tokens_BT.shape
   dt = jnp.dtype(cfg.dtype)
   positions_BT = start_B[:, None].astype(jnp.int32) + jnp.arange(T, dtype=jnp.int32)
@@ -367,7 +372,8 @@ def cached_hidden_states(params, tokens_BT, cfg: ModelConfig, cache, start_B):
   lora = layered.get("lora") or [None] * cfg.num_layers
   cache = list(cache)
   for i in range(cfg.num_layers):
-    x, cache[i] = _block(cfg, rope, x, layered["layers"][i], lora[i], positions_BT, None, None, kv=cache[i])
+    x, cache[i] = _block(cfg, rope, x, layered["layers"][i], lora[i], positions_BT, None, None, kv=cache[i],
+                         attend=attend)
   return rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset), tuple(cache)
 
 
