@@ -284,7 +284,7 @@ def test_slots_continuous_batching_equals_batch_generation():
   from jalign.generation.engine import Slots
   params = _params(CFG)
   prompts = _prompts(lengths=(3, 9, 14, 6, 5))
-  eng = Engine(params, CFG, batch_size=8, max_new_tokens=12, attend_block=4)  # slots: phases 4 .. 28 per chunk
+  eng = Engine(params, CFG, batch_size=8, max_new_tokens=12, attend_block=4)  # attended lengths 4 .. 28
   sps = [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.8), SamplingParams(max_new_tokens=4),
          SamplingParams(temperature=1.2, top_k=5), SamplingParams(min_tokens=2)]
   free = eng.generate(prompts, sps, seed=[10 + i for i in range(5)])

@@ -148,9 +148,9 @@ def prefill(params, tokens_BP, len_B, rows, *, cfg, n: int, max_new: int, k_cap:
   return _accept(st, token_B, logp_B)
 
 
-def decode_step(params, cfg, st, *, k_cap: int, attend: int = 0):
-  """Feed each row's last token (slot len_b - 1) and sample the next; attention reads the first ``attend`` cache
-  slots (0: all), which must hold every live row's slot len_b - 1."""
+def decode_step(params, cfg, st, *, k_cap: int, attend=None):
+  """Feed each row's last token (slot len_b - 1) and sample the next. ``attend`` = (lengths, index): attention
+  reads the first ``lengths[index]`` cache slots, which must hold every live row's slots up to len_b - 1."""
   B, S = st["tokens_BS"].shape
   pos_B = st["len_B"] - 1
   last_B1 = jnp.take_along_axis(st["tokens_BS"], pos_B[:, None], axis=1)
@@ -160,11 +160,12 @@ def decode_step(params, cfg, st, *, k_cap: int, attend: int = 0):
   return _accept({**st, "cache": cache}, token_B, logp_B)
 
 
-ATTEND_BLOCK = 64  # the first decode phase attends over this many cache slots; each next phase over twice as many
+ATTEND_BLOCK = 64  # the shortest attended cache length; the next ones double it
 
 
 def attend_phases(cache_len: int, block: int = ATTEND_BLOCK) -> list[int]:
-  """The attended cache lengths of the decode phases: block, 2 block, 4 block, ... below the cache, then all of it."""
+  """The cache lengths a decode step may attend over: block, 2 block, 4 block, ... below the cache, then all of
+  it."""
   out, n = [], block
   while n < cache_len:
     out.append(n)
@@ -173,30 +174,29 @@ def attend_phases(cache_len: int, block: int = ATTEND_BLOCK) -> list[int]:
 
 
 def decode(params, cfg, st, *, k_cap: int, max_steps: int, block: int = ATTEND_BLOCK):
-  """Decode until every row is done (or ``max_steps`` steps): no host sync per token. The steps run in phases,
-  one while_loop each (``attend_phases``): a phase attends over the first L cache slots and runs while every live
-  row's next slot is below L, so attention reads what the rows hold (rounded up to a power of two of blocks), not
-  the whole cache. A phase the prompts already outgrew runs no step."""
+  """Decode until every row is done (or ``max_steps`` steps): one while_loop, no host sync per token. Each step's
+  attention reads the first L cache slots, L the smallest of ``attend_phases`` that holds every live row's
+  slots, so attention reads what the rows hold (rounded up), not the whole cache."""
   params = transformer.unstack_layers(params)
-  i, S = jnp.zeros((), jnp.int32), st["tokens_BS"].shape[1]
-  for L in attend_phases(S, block):
-    def cond(c, L=L):
-      i, s = c
-      longest = jnp.max(jnp.where(s["done_B"], 0, s["len_B"]))  # the step reads slots < len_b of live rows
-      return (i < max_steps) & ~jnp.all(s["done_B"]) & (longest <= L)
+  lengths = tuple(attend_phases(st["tokens_BS"].shape[1], block))
 
-    def body(c, L=L):
-      i, s = c
-      return i + 1, decode_step(params, cfg, s, k_cap=k_cap, attend=L)
+  def cond(c):
+    i, s = c
+    return (i < max_steps) & ~jnp.all(s["done_B"])
 
-    i, st = jax.lax.while_loop(cond, body, (i, st))
-  return st
+  def body(c):
+    i, s = c
+    longest = jnp.max(jnp.where(s["done_B"], 0, s["len_B"]))  # the step reads slots < len_b of live rows
+    index = jnp.searchsorted(jnp.asarray(lengths), longest)
+    return i + 1, decode_step(params, cfg, s, k_cap=k_cap, attend=(lengths, index))
+
+  return jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), st))[1]
 
 
 class Engine:
   """Compiled prefill/decode for one model. ``generate`` pads the batch to ``batch_size`` and prompts to the next
   bucket, so each (bucket, n) compiles once; sampling values, seeds and stops are arrays. ``attend_block``: the
-  attended cache length of the first decode phase (``attend_phases``)."""
+  shortest cache length a decode step attends over (``attend_phases``)."""
 
   def __init__(self, params, cfg, *, batch_size: int = 8, max_new_tokens: int = 64, top_k_cap: int = 64,
                prompt_buckets=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096), pad_id: int = 0, mesh=None,

@@ -311,10 +311,10 @@ def unstack_layers(params) -> dict:
 
 
 def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids_BT, drop_key, kv=None,
-           branch_ids_BT=None, attend: int = 0):
+           branch_ids_BT=None, attend=None):
   """One layer. ``kv``: this layer's cache; write its keys/values at slots ``positions_BT`` and attend over its
-  slots (the first ``attend`` of them when > 0; the causal mask on positions hides the slots not yet written);
-  returns (x, kv) then."""
+  slots (the first ``lengths[index]`` of them with ``attend`` = (lengths, index); the causal mask on positions
+  hides the slots not yet written); returns (x, kv) then."""
   dt = jnp.dtype(cfg.dtype)
   h = rms_norm(x_BTD, layer["attn_norm"], cfg.rms_norm_eps, cfg.norm_offset)
   q, k, v = _proj(("q", "k", "v"), h, layer, lora, cfg, dt, drop_key)
@@ -332,16 +332,26 @@ def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids
     k_at = kv["k"].at[rows_BT, :, :, positions_BT] if k_transposed else kv["k"].at[rows_BT, :, positions_BT]
     kv = {"k": sharding.constrain(k_at.set(k.astype(kv["k"].dtype)), CACHE_AXES),
           "v": sharding.constrain(kv["v"].at[rows_BT, :, positions_BT].set(v.astype(kv["v"].dtype)), CACHE_AXES)}
-    S = kv["v"].shape[2]
-    S = min(attend, S) if attend > 0 else S
-    k = kv["k"][..., :S] if k_transposed else kv["k"][:, :, :S]
-    v = kv["v"][:, :, :S]
-    kv_positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-  attn = kernels.attention(q, k, v, implementation=cfg.attention, q_segment_ids_BT=segment_ids_BT,
-                           q_positions_BT=positions_BT, kv_positions_BS=kv_positions_BS, causal=True,
-                           sliding_window=cfg.sliding_window, kv_heads_first=kv is not None,
-                           q_branch_ids_BT=branch_ids_BT, causal_rows=kv is None,
-                           **({"k_transposed": True} if k_transposed else {}))
+  def attention(q, k, v, kv_positions_BS):
+    return kernels.attention(q, k, v, implementation=cfg.attention, q_segment_ids_BT=segment_ids_BT,
+                             q_positions_BT=positions_BT, kv_positions_BS=kv_positions_BS, causal=True,
+                             sliding_window=cfg.sliding_window, kv_heads_first=kv is not None,
+                             q_branch_ids_BT=branch_ids_BT, causal_rows=kv is None,
+                             **({"k_transposed": True} if k_transposed else {}))
+
+  if kv is None:
+    attn = attention(q, k, v, kv_positions_BS)
+  else:
+    def over(S):  # attention over the first S cache slots
+      def f(q, k, v):
+        k = k[..., :S] if k_transposed else k[:, :, :S]
+        return attention(q, k, v[:, :, :S], jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)))
+      return f
+    lengths, index = attend if attend else ((kv["v"].shape[2],), 0)
+    if len(lengths) == 1:
+      attn = over(lengths[0])(q, kv["k"], kv["v"])
+    else:
+      attn = jax.lax.switch(index, [over(S) for S in lengths], q, kv["k"], kv["v"])
   (o,) = _proj(("o",), attn, layer, lora, cfg, dt, drop_key)
   x_BTD = sharding.constrain(x_BTD + o, ("batch", "length", "act_embed"))
   h = rms_norm(x_BTD, layer["mlp_norm"], cfg.rms_norm_eps, cfg.norm_offset)
@@ -353,11 +363,12 @@ def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids
   return x_BTD if kv is None else (x_BTD, kv)
 
 
-def cached_hidden_states(params, tokens_BT, cfg: ModelConfig, cache, start_B, attend: int = 0):
+def cached_hidden_states(params, tokens_BT, cfg: ModelConfig, cache, start_B, attend=None):
   """Final-norm hidden states [B, T, D] of ``tokens_BT`` placed at positions (= cache slots) ``start_B`` ..
   ``start_B + T - 1`` of each row, attending to everything the cache holds before them; returns (h, cache).
-  ``attend`` > 0: attention reads only the first ``attend`` slots (every position written so far must lie below
-  it), so a decode step's cost follows the longest sequence, not the cache's size. Layers run as a Python loop,
+  ``attend`` = (lengths, index): attention reads only the first ``lengths[index]`` slots (a ``lax.switch`` over the
+  static lengths; every position attended to must lie below it), so a decode step's cost follows the longest
+  sequence, not the cache's size; None: all slots. Layers run as a Python loop,
   each updating its own cache buffer in place; ``params`` may hold the layers stacked or as lists
   (``unstack_layers``, what a decode loop passes)."""
   B, T = tokens_BT.shape
