@@ -1020,7 +1020,8 @@ GEN_RUNNERS = {"jalign": run_jalign_gen, "transformers": run_transformers_gen, "
 def _gen_child(framework: str, kwargs: dict, threads: int, tunix_path: str = "") -> dict:
   # Tunix installed aside (see docs/benchmarks.md) goes on its process's path only
   return _in_child(f"GEN_RUNNERS[{framework!r}](**json.loads({json.dumps(kwargs)!r}))", threads,
-                   framework == "transformers", f"{framework} ({kwargs})", tunix_path if framework == "tunix" else "")
+                   framework == "transformers", f"{framework} ({kwargs})", tunix_path if framework == "tunix" else "",
+                   reference=framework != "jalign")
 
 
 def greedy_agreement(a, b) -> float:
@@ -1355,7 +1356,7 @@ RL_RUNNERS = {"jalign": run_jalign_rl, "trl": run_trl_rl, "tunix": run_tunix_rl}
 def _rl_child(framework: str, kwargs: dict, threads: int, tunix_path: str = "") -> dict:
   return _in_child(f"RL_RUNNERS[{framework!r}](**json.loads({json.dumps(kwargs)!r}))", threads,
                    framework == "trl", f"{framework} ({kwargs['algorithm']})",
-                   tunix_path if framework == "tunix" else "")
+                   tunix_path if framework == "tunix" else "", reference=framework != "jalign")
 
 
 def bench_rl(algorithm: str, rounds: int, frameworks, threads: int, steps: int = 3, new_tokens: int = RL_NEW,
@@ -1407,15 +1408,23 @@ def print_rl_table(rows, anchor="trl"):
 
 # ---------------------------------------------------------------------------------------------- driver
 
-def _in_child(call: str, threads: int, with_torch: bool, label: str, pythonpath: str = "", env=None) -> dict:
+REF_HOST_MALLOC = "default"  # --ref-host-malloc
+
+
+def _in_child(call: str, threads: int, with_torch: bool, label: str, pythonpath: str = "", env=None,
+              reference: bool = True) -> dict:
   """``bench.<call>`` in a fresh Python process limited to ``threads`` threads; returns the dict it prints.
-  ``env`` (sft/dpo): no inherited JAX persistent compilation cache, then these variables."""
+  ``env`` (sft/dpo): no inherited JAX persistent compilation cache, then these variables. A ``reference``
+  framework's process keeps glibc's malloc defaults (``jalign.hostmem`` off), as its users run it, unless
+  ``--ref-host-malloc jalign``."""
   # PYTHONSAFEPATH: the working directory (often the repository root) stays off sys.path, so its kernels/ does not
   # shadow Hugging Face's `kernels` package that transformers imports
   child_env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore",
                    TOKENIZERS_PARALLELISM="false", JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
                    PYTHONSAFEPATH="1")
   child_env.pop("XLA_FLAGS", None)
+  if reference and REF_HOST_MALLOC == "default":
+    child_env["JALIGN_HOST_MALLOC"] = "0"
   if env is not None:
     for k in [k for k in child_env if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))]:
       child_env.pop(k)
@@ -1439,7 +1448,8 @@ def _train_child(table: str, framework: str, kwargs: dict, threads: int, tunix_p
   if base != "tunix":
     kw.pop("hf_dir", None)
   return _in_child(f"{table}[{base!r}](**json.loads({json.dumps(kw)!r}))", threads, base in ("torch", "trl"),
-                   f"{framework} ({kw})", tunix_path if base == "tunix" else "", env={} if env is None else env)
+                   f"{framework} ({kw})", tunix_path if base == "tunix" else "", env={} if env is None else env,
+                   reference=base != "jalign")
 
 
 def _check_frameworks(frameworks, allowed) -> list:
@@ -1733,10 +1743,15 @@ def main(argv=None):
   p.add_argument("--requests", type=int, default=64, help="serve: chat requests per mode")
   p.add_argument("--slots", type=int, default=64, help="serve: the server's decode slots")
   p.add_argument("--threads", type=int, default=os.cpu_count())
+  p.add_argument("--ref-host-malloc", choices=("default", "jalign"), default="default",
+                 help="the reference frameworks' processes: glibc's malloc defaults, as their users run them, or "
+                 "jalign's host-memory settings (jalign.hostmem)")
   p.add_argument("--json", default="", help="also write the rows to this file")
   p.add_argument("--workdir", default="", help="convert/generate/rl/ppo/sft/dpo: where to write the synthetic "
                  "checkpoints (temp dir)")
   a = p.parse_args(argv)
+  global REF_HOST_MALLOC
+  REF_HOST_MALLOC = a.ref_host_malloc
   if a.which == "kernels":
     from jalign import bench_kernels
     out = bench_kernels.run()
