@@ -170,3 +170,21 @@ def test_bench_kernels_rows_and_tables(capsys):
   bk.print_tables(out)
   text = capsys.readouterr().out
   assert "| pallas (fused) |" in text and "not yet measured" in text
+
+
+def test_reference_processes_keep_glibc_defaults_unless_asked(monkeypatch):
+  seen = []
+
+  def fake_run(cmd, env, **kw):
+    seen.append((cmd[-1], env.get("JALIGN_HOST_MALLOC")))
+    import types
+    return types.SimpleNamespace(stdout='RESULT {"ok": 1}\n', stderr="")
+
+  monkeypatch.delenv("JALIGN_HOST_MALLOC", raising=False)
+  monkeypatch.setattr(bench.subprocess, "run", fake_run)
+  for framework in ("jalign", "trl", "tunix"):
+    assert bench._rl_child(framework, {"algorithm": "grpo"}, 1) == {"ok": 1}
+  monkeypatch.setattr(bench, "REF_HOST_MALLOC", "jalign")
+  bench._gen_child("transformers", {}, 1)
+  assert [s[1] for s in seen] == [None, "0", "0", None]  # None: jalign.hostmem's own default
+  assert "RL_RUNNERS['trl']" in seen[1][0]
