@@ -1,6 +1,7 @@
 """``python -m jalign.bench generate``, ``rl``, ``sft`` and ``dpo``: the runners and data on a tiny model (tiny
 settings; no timing assertions)."""
 import importlib.util
+import types
 
 import pytest
 
@@ -177,7 +178,6 @@ def test_reference_processes_keep_glibc_defaults_unless_asked(monkeypatch):
 
   def fake_run(cmd, env, **kw):
     seen.append((cmd[-1], env.get("JALIGN_HOST_MALLOC")))
-    import types
     return types.SimpleNamespace(stdout='RESULT {"ok": 1}\n', stderr="")
 
   monkeypatch.delenv("JALIGN_HOST_MALLOC", raising=False)

@@ -1,4 +1,5 @@
 """jalign.hostmem: on CPU, XLA's per-call temporary buffers stop page-faulting once jalign is imported."""
+import importlib.util
 import json
 import os
 import platform
@@ -57,5 +58,4 @@ def test_wanted_follows_the_platform_and_the_switch():
   assert not hostmem.wanted({"JAX_PLATFORMS": "cpu", "JALIGN_HOST_MALLOC": "0"})
   assert hostmem.wanted({"JAX_PLATFORMS": "cuda", "JALIGN_HOST_MALLOC": "1"})
   # no JAX_PLATFORMS: on unless an accelerator plugin is installed (none is in the test environment)
-  assert hostmem.wanted({}) == all(
-      __import__("importlib").util.find_spec(m) is None for m in hostmem.ACCELERATOR_MODULES)
+  assert hostmem.wanted({}) == all(importlib.util.find_spec(m) is None for m in hostmem.ACCELERATOR_MODULES)
