@@ -10,8 +10,6 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
                            " --xla_cpu_collective_timeout_seconds=900"
                            " --xla_cpu_collective_call_terminate_timeout_seconds=900").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Persistent compilation cache: the many short runs compile the same steps; subprocesses inherit it.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".pytest_cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 # The repository's top-level kernels/ (imported as jalign.kernels) must not shadow Hugging Face's `kernels`
@@ -21,3 +19,14 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
 os.environ["PYTHONSAFEPATH"] = "1"
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 os.chdir(ROOT)  # configs refer to examples/ relative to the repository root
+
+
+def pytest_configure(config):
+  """Persistent compilation cache: the many short runs compile the same steps; subprocesses inherit it. One
+  directory per pytest-xdist worker (JAX writes entries in place, so two processes must not share one); set before
+  the test modules import jax."""
+  workerinput = getattr(config, "workerinput", None)
+  if workerinput is None and getattr(config.option, "numprocesses", None):
+    return  # the xdist controller, whose environment the workers inherit: each worker sets its own
+  worker = workerinput["workerid"] if workerinput else "main"
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".pytest_cache", "jax", worker))
