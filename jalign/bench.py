@@ -1745,7 +1745,7 @@ def main(argv=None):
   p.add_argument("--threads", type=int, default=os.cpu_count())
   p.add_argument("--ref-host-malloc", choices=("default", "jalign"), default="default",
                  help="the reference frameworks' processes: glibc's malloc defaults, as their users run them, or "
-                 "jalign's host-memory settings (jalign.hostmem)")
+                 "jalign's host-memory and compile settings (jalign.hostmem)")
   p.add_argument("--json", default="", help="also write the rows to this file")
   p.add_argument("--workdir", default="", help="convert/generate/rl/ppo/sft/dpo: where to write the synthetic "
                  "checkpoints (temp dir)")

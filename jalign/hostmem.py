@@ -8,6 +8,10 @@ freed memory (``M_TRIM_THRESHOLD``), and runs single-device CPU computations on 
 (``jax_cpu_enable_async_dispatch`` off): blocks allocated by XLA's worker threads come from per-thread arenas that
 cannot hold them. jalign's loops read every step's metrics back anyway, so nothing was overlapping.
 
+It also compiles XLA:CPU's generated kernels at LLVM's -O1 (``--xla_backend_optimization_level=1`` in
+``XLA_FLAGS``, unless they set a level): the train step compiles about 15% faster and runs as fast, its matmuls being
+library calls (measured: SFT benchmark step, 3.9-4.2 s -> 3.3-3.5 s to compile, 986-996 ms -> 971-990 ms a step).
+
 ``import jalign`` does this before JAX starts its CPU client. ``JALIGN_HOST_MALLOC=0`` turns it off, ``=1`` on even
 where an accelerator plugin is installed; ``JAX_CPU_ENABLE_ASYNC_DISPATCH``, when set, keeps its value.
 """
@@ -38,6 +42,16 @@ def wanted(env=os.environ) -> bool:
   return not any(importlib.util.find_spec(m) is not None for m in ACCELERATOR_MODULES)
 
 
+OPT_LEVEL_FLAG = "--xla_backend_optimization_level=1"
+
+
+def xla_flags(flags: str) -> str:
+  """``XLA_FLAGS`` with LLVM's -O1 for XLA:CPU's kernels added, unless the flags set a level already."""
+  if "xla_backend_optimization_level" in flags:
+    return flags
+  return f"{flags} {OPT_LEVEL_FLAG}".strip()
+
+
 def tune(env=os.environ) -> bool:
   """Apply the settings above if ``wanted`` and the C library is glibc; True if they were applied."""
   if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc" or not wanted(env):
@@ -48,6 +62,7 @@ def tune(env=os.environ) -> bool:
     return False
   if not (libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1):
     return False
+  env["XLA_FLAGS"] = xla_flags(env.get("XLA_FLAGS", ""))  # parsed when JAX first compiles
   if "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in env:
     import jax
     jax.config.update("jax_cpu_enable_async_dispatch", False)  # read when JAX creates its CPU client

@@ -59,3 +59,12 @@ def test_wanted_follows_the_platform_and_the_switch():
   assert hostmem.wanted({"JAX_PLATFORMS": "cuda", "JALIGN_HOST_MALLOC": "1"})
   # no JAX_PLATFORMS: on unless an accelerator plugin is installed (none is in the test environment)
   assert hostmem.wanted({}) == all(importlib.util.find_spec(m) is None for m in hostmem.ACCELERATOR_MODULES)
+
+
+def test_xla_flags_add_the_cpu_compile_level_once():
+  assert hostmem.xla_flags("") == "--xla_backend_optimization_level=1"
+  assert hostmem.xla_flags("--xla_force_host_platform_device_count=8") == (
+      "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=1")
+  assert hostmem.xla_flags("--xla_backend_optimization_level=3") == "--xla_backend_optimization_level=3"
+  if hostmem.TUNED:  # this process: the level went into XLA_FLAGS on import
+    assert "--xla_backend_optimization_level=1" in os.environ["XLA_FLAGS"]
