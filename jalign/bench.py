@@ -1415,8 +1415,8 @@ def _in_child(call: str, threads: int, with_torch: bool, label: str, pythonpath:
               reference: bool = True) -> dict:
   """``bench.<call>`` in a fresh Python process limited to ``threads`` threads; returns the dict it prints.
   ``env`` (sft/dpo): no inherited JAX persistent compilation cache, then these variables. A ``reference``
-  framework's process keeps glibc's malloc defaults (``jalign.hostmem`` off), as its users run it, unless
-  ``--ref-host-malloc jalign``."""
+  framework's process keeps glibc's malloc defaults and XLA's default compile level (``jalign.hostmem`` off), as its
+  users run it, unless ``--ref-host-malloc jalign``."""
   # PYTHONSAFEPATH: the working directory (often the repository root) stays off sys.path, so its kernels/ does not
   # shadow Hugging Face's `kernels` package that transformers imports
   child_env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore",
