@@ -13,6 +13,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IMPLEMENTATIONS = ("xla", "pallas", "cudnn")
 
@@ -43,20 +44,29 @@ def attention_reference(q_BTHD, k_BSKD, v_BSKD, *, q_segment_ids_BT=None, kv_seg
   """Reference attention; softmax in float32, output in q's dtype. ``kv_heads_first``: k and v come as
   [batch, kv_heads, kv_len, head_dim] (the KV cache's layout), which the matmuls use without a transposed copy;
   with ``k_transposed`` too, k comes as [batch, kv_heads, head_dim, kv_len] (the CPU cache's layout: the scores
-  are then a plain matmul, where XLA:CPU transposes every [kv_len, head_dim] block of k at every decode step)."""
+  are then a plain matmul, where XLA:CPU transposes every [kv_len, head_dim] block of k at every decode step).
+  With ``kv_heads_first``, k and v may also be tuples of blocks along kv_len (a blocked cache): the matmuls read
+  each block where it lies, where a slice of one buffer would be copied first."""
   heads_first = (lambda x: x) if kv_heads_first else (lambda x: x.transpose(0, 2, 1, 3))
-  v_BKSD = heads_first(v_BSKD)
+  k_blocks = tuple(k_BSKD) if isinstance(k_BSKD, (tuple, list)) else (k_BSKD,)
+  v_blocks = tuple(heads_first(v) for v in (v_BSKD if isinstance(v_BSKD, (tuple, list)) else (v_BSKD,)))
+  if len(k_blocks) > 1 and not kv_heads_first:
+    raise ValueError("k/v blocks need kv_heads_first=True (the cache's layout)")
   B, T, H, D = q_BTHD.shape
-  K, S = v_BKSD.shape[1], v_BKSD.shape[2]
+  K = v_blocks[0].shape[1]
+  widths = [v.shape[2] for v in v_blocks]
+  S = sum(widths)
   G = H // K
   scale = D ** -0.5 if scale is None else scale
   # [B, K, G*T, D] x [B, K, S, D]: one batch-matmul per (batch, kv head) with the query group folded into the
   # rows, contracting the last dims of both (no transposed copy of k).
   q_BKQD = q_BTHD.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
   if kv_heads_first and k_transposed:  # k as given: [B, K, D, S]
-    scores = jnp.einsum("bkqd,bkds->bkqs", q_BKQD, k_BSKD, preferred_element_type=jnp.float32)
+    parts = [jnp.einsum("bkqd,bkds->bkqs", q_BKQD, k, preferred_element_type=jnp.float32) for k in k_blocks]
   else:
-    scores = jnp.einsum("bkqd,bksd->bkqs", q_BKQD, heads_first(k_BSKD), preferred_element_type=jnp.float32)
+    parts = [jnp.einsum("bkqd,bksd->bkqs", q_BKQD, heads_first(k), preferred_element_type=jnp.float32)
+             for k in k_blocks]
+  scores = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
   scores_BKGTS = scores.reshape(B, K, G, T, S) * scale
   mask_BTS = attention_mask(B, T, S, q_segment_ids_BT, kv_segment_ids_BS, q_positions_BT, kv_positions_BS, causal,
                             sliding_window, q_branch_ids_BT, kv_branch_ids_BS)
@@ -67,8 +77,13 @@ def attention_reference(q_BTHD, k_BSKD, v_BSKD, *, q_segment_ids_BT=None, kv_seg
   max_BKGT1 = jax.lax.stop_gradient(jnp.max(scores_BKGTS, axis=-1, keepdims=True))
   unnorm_BKGTS = jnp.exp(scores_BKGTS - max_BKGT1)
   sum_BKGT1 = jnp.sum(unnorm_BKGTS, axis=-1, keepdims=True)
-  out_BKQD = jnp.einsum("bkqs,bksd->bkqd", unnorm_BKGTS.astype(v_BSKD.dtype).reshape(B, K, G * T, S), v_BKSD,
-                        preferred_element_type=jnp.float32)
+  p_BKQS = unnorm_BKGTS.astype(v_blocks[0].dtype).reshape(B, K, G * T, S)
+  starts = np.cumsum([0] + widths[:-1])
+  out_BKQD = None
+  for o, w, v in zip(starts, widths, v_blocks):
+    part = jnp.einsum("bkqs,bksd->bkqd", p_BKQS if len(widths) == 1 else p_BKQS[..., o:o + w], v,
+                      preferred_element_type=jnp.float32)
+    out_BKQD = part if out_BKQD is None else out_BKQD + part
   out_BKGTD = out_BKQD.reshape(B, K, G, T, D) / sum_BKGT1
   out_BTHD = out_BKGTD.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
   return out_BTHD.astype(q_BTHD.dtype)

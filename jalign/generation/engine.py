@@ -122,14 +122,15 @@ def _accept(st, token_B, logp_B):
           "finished_B": finished_B, "done_B": done_B}
 
 
-def prefill(params, tokens_BP, len_B, rows, *, cfg, n: int, max_new: int, k_cap: int, cache_len: int = 0):
+def prefill(params, tokens_BP, len_B, rows, *, cfg, n: int, max_new: int, k_cap: int, cache_len: int = 0,
+            block: int = transformer.CACHE_BLOCK):
   """Cache the prompts, then sample the first token of ``n`` samples per prompt (rows b*n .. b*n+n-1 share
   prompt b's cache). ``rows`` holds the per-sample arrays [B*n, ...]: sampling values, ``seed_B``, ``sample_B``,
   ``stop_ids`` [B*n, n_ids] and ``stop_seqs`` [B*n, m, W] (-1 padded). Cache length: ``cache_len`` or P +
-  max_new."""
+  max_new, in ``transformer.cache_blocks`` of ``block``."""
   B, P = tokens_BP.shape
   S = cache_len or P + max_new
-  cache = transformer.init_cache(cfg, B, S)
+  cache = transformer.init_cache(cfg, B, S, block)
   h_BPD, cache = transformer.cached_hidden_states(params, tokens_BP, cfg, cache, jnp.zeros(B, jnp.int32))
   h_BD = jnp.take_along_axis(h_BPD, (len_B - 1)[:, None, None], axis=1)[:, 0]
   logits_BV = transformer.logits_from_hidden(params, h_BD[:, None], cfg)[:, 0]
@@ -148,37 +149,24 @@ def prefill(params, tokens_BP, len_B, rows, *, cfg, n: int, max_new: int, k_cap:
   return _accept(st, token_B, logp_B)
 
 
-def decode_step(params, cfg, st, *, k_cap: int, attend=None):
-  """Feed each row's last token (slot len_b - 1) and sample the next. ``attend`` = (lengths, index): attention
-  reads the first ``lengths[index]`` cache slots, which must hold every live row's slots up to len_b - 1."""
+def decode_step(params, cfg, st, *, k_cap: int, blocks_read=None):
+  """Feed each row's last token (slot len_b - 1) and sample the next. ``blocks_read``: attention reads the
+  cache's first ``blocks_read + 1`` blocks, which must hold every live row's slots up to len_b - 1."""
   B, S = st["tokens_BS"].shape
   pos_B = st["len_B"] - 1
   last_B1 = jnp.take_along_axis(st["tokens_BS"], pos_B[:, None], axis=1)
-  h_B1D, cache = transformer.cached_hidden_states(params, last_B1, cfg, st["cache"], pos_B, attend=attend)
+  h_B1D, cache = transformer.cached_hidden_states(params, last_B1, cfg, st["cache"], pos_B, blocks_read=blocks_read)
   logits_BV = transformer.logits_from_hidden(params, h_B1D, cfg)[:, 0]
   token_B, logp_B = _sample(logits_BV, st, k_cap, cfg)
   return _accept({**st, "cache": cache}, token_B, logp_B)
 
 
-ATTEND_BLOCK = 64  # the shortest attended cache length; the next ones double it
-
-
-def attend_phases(cache_len: int, block: int = ATTEND_BLOCK) -> list[int]:
-  """The cache lengths a decode step may attend over: block, 2 block, 4 block, ... below the cache, then all of
-  it."""
-  out, n = [], block
-  while n < cache_len:
-    out.append(n)
-    n *= 2
-  return out + [cache_len]
-
-
-def decode(params, cfg, st, *, k_cap: int, max_steps: int, block: int = ATTEND_BLOCK):
+def decode(params, cfg, st, *, k_cap: int, max_steps: int):
   """Decode until every row is done (or ``max_steps`` steps): one while_loop, no host sync per token. Each step's
-  attention reads the first L cache slots, L the smallest of ``attend_phases`` that holds every live row's
-  slots, so attention reads what the rows hold (rounded up), not the whole cache."""
+  attention reads the fewest cache blocks that hold every live row's slots, so attention reads what the rows
+  hold (rounded up to a block), not the whole cache."""
   params = transformer.unstack_layers(params)
-  lengths = tuple(attend_phases(st["tokens_BS"].shape[1], block))
+  ends = np.cumsum([b.shape[2] for b in st["cache"][0]["v"]])  # the slots held by blocks 0..i
 
   def cond(c):
     i, s = c
@@ -187,8 +175,8 @@ def decode(params, cfg, st, *, k_cap: int, max_steps: int, block: int = ATTEND_B
   def body(c):
     i, s = c
     longest = jnp.max(jnp.where(s["done_B"], 0, s["len_B"]))  # the step reads slots < len_b of live rows
-    index = jnp.searchsorted(jnp.asarray(lengths), longest)
-    return i + 1, decode_step(params, cfg, s, k_cap=k_cap, attend=(lengths, index))
+    blocks_read = jnp.searchsorted(jnp.asarray(ends), longest)
+    return i + 1, decode_step(params, cfg, s, k_cap=k_cap, blocks_read=blocks_read)
 
   return jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), st))[1]
 
@@ -196,22 +184,23 @@ def decode(params, cfg, st, *, k_cap: int, max_steps: int, block: int = ATTEND_B
 class Engine:
   """Compiled prefill/decode for one model. ``generate`` pads the batch to ``batch_size`` and prompts to the next
   bucket, so each (bucket, n) compiles once; sampling values, seeds and stops are arrays. ``attend_block``: the
-  shortest cache length a decode step attends over (``attend_phases``)."""
+  first block of the cache (``transformer.cache_blocks``): the fewest slots a decode step attends over."""
 
   def __init__(self, params, cfg, *, batch_size: int = 8, max_new_tokens: int = 64, top_k_cap: int = 64,
                prompt_buckets=(16, 32, 64, 128, 256, 512, 1024, 2048, 4096), pad_id: int = 0, mesh=None,
-               rules=None, attend_block: int = ATTEND_BLOCK):
+               rules=None, attend_block: int = transformer.CACHE_BLOCK):
     self.params, self.cfg, self.batch_size, self.max_new = params, cfg, batch_size, max_new_tokens
     self.k_cap, self.buckets, self.pad_id = top_k_cap, tuple(sorted(prompt_buckets)), pad_id
     self._wrap = (lambda f: sharding.bind(f, mesh, rules)) if mesh is not None else (lambda f: f)
     self._prefills = {}  # one per n
     self.attend_block = attend_block
-    self._decode = jax.jit(self._wrap(lambda p, st: decode(p, cfg, st, k_cap=top_k_cap, max_steps=max_new_tokens,
-                                                           block=attend_block)), donate_argnums=(1,))
+    self._decode = jax.jit(self._wrap(lambda p, st: decode(p, cfg, st, k_cap=top_k_cap, max_steps=max_new_tokens)),
+                           donate_argnums=(1,))
 
   def _prefill(self, *args, n):
     if n not in self._prefills:
-      f = functools.partial(prefill, cfg=self.cfg, n=n, max_new=self.max_new, k_cap=self.k_cap)
+      f = functools.partial(prefill, cfg=self.cfg, n=n, max_new=self.max_new, k_cap=self.k_cap,
+                            block=self.attend_block)
       self._prefills[n] = jax.jit(self._wrap(lambda p, *a: f(p, *a)))
     return self._prefills[n](*args)
 
@@ -287,10 +276,10 @@ class Engine:
     return res
 
 
-def decode_chunk(params, cfg, st, *, k_cap: int, steps: int, block: int = ATTEND_BLOCK):
+def decode_chunk(params, cfg, st, *, k_cap: int, steps: int):
   """``steps`` decode steps (rows already done stay as they are; the chunk ends early when all are): what a server
   runs between admissions."""
-  return decode(params, cfg, st, k_cap=k_cap, max_steps=steps, block=block)
+  return decode(params, cfg, st, k_cap=k_cap, max_steps=steps)
 
 
 def insert(st, row, slot):
@@ -319,10 +308,10 @@ class Slots:
     self.emitted = [0] * size  # tokens already handed out per slot
     eng, cfg = engine, engine.cfg
     self._prefill = jax.jit(eng._wrap(lambda p, t, l, r: prefill(
-        p, t, l, r, cfg=cfg, n=1, max_new=eng.max_new, k_cap=eng.k_cap, cache_len=self.cache_len)))
+        p, t, l, r, cfg=cfg, n=1, max_new=eng.max_new, k_cap=eng.k_cap, cache_len=self.cache_len,
+        block=eng.attend_block)))
     self._insert = jax.jit(eng._wrap(insert), donate_argnums=(0,))
-    self._chunk = jax.jit(eng._wrap(lambda p, st, steps: decode_chunk(p, cfg, st, k_cap=eng.k_cap, steps=steps,
-                                                                      block=eng.attend_block)),
+    self._chunk = jax.jit(eng._wrap(lambda p, st, steps: decode_chunk(p, cfg, st, k_cap=eng.k_cap, steps=steps)),
                           static_argnums=(2,), donate_argnums=(1,))
     # all slots start done: a one-token prompt with max_new_tokens=1, never read
     self.state = self._prefill_rows([[0]] * size, [SamplingParams(max_new_tokens=1)] * size, [0] * size,

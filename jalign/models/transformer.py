@@ -314,16 +314,36 @@ def k_cache_transposed(cfg: ModelConfig) -> bool:
   return cfg.attention == "xla"
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple:
-  """KV cache: one ``{"k", "v"}`` per layer, in the compute dtype, ``v`` [batch, kv_heads, length, head_dim] and
-  ``k`` the same or [batch, kv_heads, head_dim, length] (``k_cache_transposed``): heads before slots, so the
-  attention matmuls read it without a transposed copy. Slot s of a row holds the keys/values of the token at
-  position s. A buffer per layer, not one stacked array: XLA updates each in place inside the decode loop, where
-  writing one layer of a stacked cache and reading it back copies the whole cache."""
-  shape = (batch, cfg.num_kv_heads, length, cfg.dh)
-  k_shape = (batch, cfg.num_kv_heads, cfg.dh, length) if k_cache_transposed(cfg) else shape
-  return tuple({"k": sharding.constrain(jnp.zeros(k_shape, cfg.dtype), CACHE_AXES),
-                "v": sharding.constrain(jnp.zeros(shape, cfg.dtype), CACHE_AXES)} for _ in range(cfg.num_layers))
+CACHE_BLOCK = 64  # the first block of a blocked cache; the next ones double the cache length read so far
+
+
+def cache_blocks(cfg: ModelConfig, length: int, block: int = CACHE_BLOCK) -> list[int]:
+  """The slots in each block of a ``length``-slot cache. The XLA attention's cache is blocked at block, 2 block,
+  4 block, ... slots, so that a decode step reads only the blocks that hold its rows' tokens, each in place
+  (a step's cost follows the longest sequence, not the cache's size); the kernels read one block."""
+  if not k_cache_transposed(cfg):
+    return [length]
+  ends, n = [], block
+  while n < length:
+    ends.append(n)
+    n *= 2
+  ends.append(length)
+  return list(np.diff([0] + ends))
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, block: int = CACHE_BLOCK) -> tuple:
+  """KV cache: one ``{"k", "v"}`` per layer, each a tuple of blocks along the slots (``cache_blocks``), in the
+  compute dtype, ``v`` [batch, kv_heads, slots, head_dim] and ``k`` the same or [batch, kv_heads, head_dim,
+  slots] (``k_cache_transposed``): heads before slots, so the attention matmuls read it without a transposed
+  copy. Slot s of a row holds the keys/values of the token at position s. Buffers per layer, not one stacked
+  array: XLA updates each in place inside the decode loop, where writing one layer of a stacked cache and reading
+  it back copies the whole cache."""
+  def blocks(shape):
+    return tuple(sharding.constrain(jnp.zeros(shape(n), cfg.dtype), CACHE_AXES)
+                 for n in cache_blocks(cfg, length, block))
+  v_shape = lambda n: (batch, cfg.num_kv_heads, n, cfg.dh)
+  k_shape = (lambda n: (batch, cfg.num_kv_heads, cfg.dh, n)) if k_cache_transposed(cfg) else v_shape
+  return tuple({"k": blocks(k_shape), "v": blocks(v_shape)} for _ in range(cfg.num_layers))
 
 
 def unstack_layers(params) -> dict:
@@ -338,10 +358,10 @@ def unstack_layers(params) -> dict:
 
 
 def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids_BT, drop_key, kv=None,
-           branch_ids_BT=None, attend=None):
+           branch_ids_BT=None, blocks_read=None):
   """One layer. ``kv``: this layer's cache; write its keys/values at slots ``positions_BT`` and attend over its
-  slots (the first ``lengths[index]`` of them with ``attend`` = (lengths, index); the causal mask on positions
-  hides the slots not yet written); returns (x, kv) then."""
+  slots (those of its first ``blocks_read + 1`` blocks when given; the causal mask on positions hides the slots
+  not yet written); returns (x, kv) then."""
   dt = jnp.dtype(cfg.dtype)
   h = rms_norm(x_BTD, layer["attn_norm"], cfg.rms_norm_eps, cfg.norm_offset)
   q, k, v = _proj(("q", "k", "v"), h, layer, lora, cfg, dt, drop_key)
@@ -350,15 +370,22 @@ def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids
   q = sharding.constrain(apply_rope(q, *rope), ("batch", "length", "act_heads", None))
   k = sharding.constrain(apply_rope(k, *rope), ("batch", "length", "act_kv_heads", None))
   v = sharding.constrain(v, ("batch", "length", "act_kv_heads", None))
-  kv_positions_BS = positions_BT
   k_transposed = kv is not None and k_cache_transposed(cfg)
   if kv is not None:
     B, T = positions_BT.shape
     rows_BT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-    # [B, T, K, D] rows written at [b, :, position_bt, :] (transposed keys: at [b, :, :, position_bt])
-    k_at = kv["k"].at[rows_BT, :, :, positions_BT] if k_transposed else kv["k"].at[rows_BT, :, positions_BT]
-    kv = {"k": sharding.constrain(k_at.set(k.astype(kv["k"].dtype)), CACHE_AXES),
-          "v": sharding.constrain(kv["v"].at[rows_BT, :, positions_BT].set(v.astype(kv["v"].dtype)), CACHE_AXES)}
+    k, v = k.astype(kv["k"][0].dtype), v.astype(kv["v"][0].dtype)
+    ks, vs, start = [], [], 0
+    for kb, vb in zip(kv["k"], kv["v"]):  # [B, T, K, D] rows written at [b, :, slot, :] of the block holding them
+      n = vb.shape[2]                     # (transposed keys: at [b, :, :, slot])
+      slot_BT = positions_BT if len(kv["v"]) == 1 else jnp.where(
+          (positions_BT >= start) & (positions_BT < start + n), positions_BT - start, n)
+      k_at = kb.at[rows_BT, :, :, slot_BT] if k_transposed else kb.at[rows_BT, :, slot_BT]
+      ks.append(sharding.constrain(k_at.set(k, mode="drop"), CACHE_AXES))
+      vs.append(sharding.constrain(vb.at[rows_BT, :, slot_BT].set(v, mode="drop"), CACHE_AXES))
+      start += n
+    kv = {"k": tuple(ks), "v": tuple(vs)}
+
   def attention(q, k, v, kv_positions_BS):
     return kernels.attention(q, k, v, implementation=cfg.attention, q_segment_ids_BT=segment_ids_BT,
                              q_positions_BT=positions_BT, kv_positions_BS=kv_positions_BS, causal=True,
@@ -367,18 +394,19 @@ def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids
                              **({"k_transposed": True} if k_transposed else {}))
 
   if kv is None:
-    attn = attention(q, k, v, kv_positions_BS)
+    attn = attention(q, k, v, positions_BT)
   else:
-    def over(S):  # attention over the first S cache slots
-      def f(q, k, v):
-        k = k[..., :S] if k_transposed else k[:, :, :S]
-        return attention(q, k, v[:, :, :S], jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)))
+    def over(n):  # attention over the first n blocks of the cache
+      def f(q, ks, vs):
+        S = sum(b.shape[2] for b in vs[:n])
+        ks, vs = (ks[:n], vs[:n]) if n > 1 else (ks[0], vs[0])
+        return attention(q, ks, vs, jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)))
       return f
-    lengths, index = attend if attend else ((kv["v"].shape[2],), 0)
-    if len(lengths) == 1:
-      attn = over(lengths[0])(q, kv["k"], kv["v"])
+    n_blocks = len(kv["v"])
+    if blocks_read is None or n_blocks == 1:
+      attn = over(n_blocks)(q, kv["k"], kv["v"])
     else:
-      attn = jax.lax.switch(index, [over(S) for S in lengths], q, kv["k"], kv["v"])
+      attn = jax.lax.switch(blocks_read, [over(n + 1) for n in range(n_blocks)], q, kv["k"], kv["v"])
   (o,) = _proj(("o",), attn, layer, lora, cfg, dt, drop_key)
   x_BTD = sharding.constrain(x_BTD + o, ("batch", "length", "act_embed"))
   h = rms_norm(x_BTD, layer["mlp_norm"], cfg.rms_norm_eps, cfg.norm_offset)
@@ -390,14 +418,13 @@ def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids
   return x_BTD if kv is None else (x_BTD, kv)
 
 
-def cached_hidden_states(params, tokens_BT, cfg: ModelConfig, cache, start_B, attend=None):
+def cached_hidden_states(params, tokens_BT, cfg: ModelConfig, cache, start_B, blocks_read=None):
   """Final-norm hidden states [B, T, D] of ``tokens_BT`` placed at positions (= cache slots) ``start_B`` ..
   ``start_B + T - 1`` of each row, attending to everything the cache holds before them; returns (h, cache).
-  ``attend`` = (lengths, index): attention reads only the first ``lengths[index]`` slots (a ``lax.switch`` over the
-  static lengths; every position attended to must lie below it), so a decode step's cost follows the longest
-  sequence, not the cache's size; None: all slots. Layers run as a Python loop,
-  each updating its own cache buffer in place; ``params`` may hold the layers stacked or as lists
-  (``unstack_layers``, what a decode loop passes)."""
+  ``blocks_read`` (traced): attention reads only the cache's first ``blocks_read + 1`` blocks (a ``lax.switch``;
+  every position attended to must lie in them), so a decode step's cost follows the longest sequence, not the
+  cache's size; None: all of them. Layers run as a Python loop, each updating its own cache buffers in place;
+  ``params`` may hold the layers stacked or as lists (``unstack_layers``, what a decode loop passes)."""
   B, T = tokens_BT.shape
   dt = jnp.dtype(cfg.dtype)
   positions_BT = start_B[:, None].astype(jnp.int32) + jnp.arange(T, dtype=jnp.int32)
@@ -411,7 +438,7 @@ def cached_hidden_states(params, tokens_BT, cfg: ModelConfig, cache, start_B, at
   cache = list(cache)
   for i in range(cfg.num_layers):
     x, cache[i] = _block(cfg, rope, x, layered["layers"][i], lora[i], positions_BT, None, None, kv=cache[i],
-                         attend=attend)
+                         blocks_read=blocks_read)
   return rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset), tuple(cache)
 
 
