@@ -227,10 +227,16 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
   return inv.astype(np.float32)
 
 
-def rope_tables(positions_BT, inv_freq):
-  """cos, sin [B, T, 1, Dh/2] for rotate-half RoPE, computed once per forward pass."""
-  freqs_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
-  return jnp.cos(freqs_BTF)[:, :, None, :], jnp.sin(freqs_BTF)[:, :, None, :]
+def rope_tables(positions_BT, inv_freq, max_position: int = 0):
+  """cos, sin [B, T, 1, Dh/2] for rotate-half RoPE, computed once per forward pass. ``max_position``: positions
+  lie below it, and the values are gathered from tables over 0 .. max_position - 1 (constants XLA computes at
+  compile time: a decode step then computes no cos/sin, which XLA:CPU otherwise recomputes in every layer's
+  rotation for each head)."""
+  if not max_position:
+    freqs_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    return jnp.cos(freqs_BTF)[:, :, None, :], jnp.sin(freqs_BTF)[:, :, None, :]
+  freqs_PF = jnp.arange(max_position, dtype=jnp.int32)[:, None].astype(jnp.float32) * inv_freq
+  return tuple(jnp.take(f(freqs_PF), positions_BT, axis=0, mode="clip")[:, :, None, :] for f in (jnp.cos, jnp.sin))
 
 
 def apply_rope(x_BTHD, cos, sin):
@@ -432,7 +438,7 @@ def cached_hidden_states(params, tokens_BT, cfg: ModelConfig, cache, start_B, bl
   if cfg.scale_embeddings:
     x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
   x = sharding.constrain(x, ("batch", "length", "act_embed"))
-  rope = rope_tables(positions_BT, jnp.asarray(rope_inv_freq(cfg)))
+  rope = rope_tables(positions_BT, jnp.asarray(rope_inv_freq(cfg)), sum(b.shape[2] for b in cache[0]["v"]))
   layered = unstack_layers(params)
   lora = layered.get("lora") or [None] * cfg.num_layers
   cache = list(cache)
