@@ -255,7 +255,7 @@ def test_stops_n_and_compile_once():
   after_n3 = eng.compiled_count()
   eng.generate(prompts, SamplingParams(temperature=0.9, top_p=0.5), n=3, seed=1)
   eng.generate(prompts[:2], SamplingParams(temperature=0.2), n=3, stop_ids=[1, 2, 3], stop_sequences=[[4, 5]])
-  assert eng.compiled_count() == after_n3 == before + 2  # n=3: one prefill, one decode; nothing after
+  assert eng.compiled_count() == after_n3 == before + 1  # n=3: one prefill-and-decode; nothing after
 
 
 def test_sharded_sampler_gives_one_device_tokens():

@@ -1,4 +1,4 @@
-"""KV-cache generation: one jitted prefill and one jitted ``while_loop`` decode per (batch, prompt bucket).
+"""KV-cache generation: a prefill and a ``while_loop`` decode, jitted as one per (batch, prompt bucket, n).
 
 Prompts are right-padded into ``tokens_BS`` (S = prompt bucket + max new tokens) with a length per row; a row
 writes its next token at slot ``len_b``, positions equal slots (as in training rows), so the causal mask on
@@ -192,17 +192,17 @@ class Engine:
     self.params, self.cfg, self.batch_size, self.max_new = params, cfg, batch_size, max_new_tokens
     self.k_cap, self.buckets, self.pad_id = top_k_cap, tuple(sorted(prompt_buckets)), pad_id
     self._wrap = (lambda f: sharding.bind(f, mesh, rules)) if mesh is not None else (lambda f: f)
-    self._prefills = {}  # one per n
     self.attend_block = attend_block
-    self._decode = jax.jit(self._wrap(lambda p, st: decode(p, cfg, st, k_cap=top_k_cap, max_steps=max_new_tokens)),
-                           donate_argnums=(1,))
+    self._runs = {}  # one per n
 
-  def _prefill(self, *args, n):
-    if n not in self._prefills:
-      f = functools.partial(prefill, cfg=self.cfg, n=n, max_new=self.max_new, k_cap=self.k_cap,
-                            block=self.attend_block)
-      self._prefills[n] = jax.jit(self._wrap(lambda p, *a: f(p, *a)))
-    return self._prefills[n](*args)
+  def _prefill_decode(self, *args, n):
+    """Prefill then decode in one executable: the layers' weights are sliced out of their stack (and the fused
+    projections' concatenated) once per call, not once for each."""
+    if n not in self._runs:
+      cfg, k_cap, max_new = self.cfg, self.k_cap, self.max_new
+      f = functools.partial(prefill, cfg=cfg, n=n, max_new=max_new, k_cap=k_cap, block=self.attend_block)
+      self._runs[n] = jax.jit(self._wrap(lambda p, *a: decode(p, cfg, f(p, *a), k_cap=k_cap, max_steps=max_new)))
+    return self._runs[n](*args)
 
   def bucket(self, length: int) -> int:
     for b in self.buckets:
@@ -212,7 +212,7 @@ class Engine:
 
   def compiled_count(self) -> int:
     """How many executables prefill and decode hold (for tests: repeated calls must not add any)."""
-    return sum(f._cache_size() for f in self._prefills.values()) + self._decode._cache_size()
+    return sum(f._cache_size() for f in self._runs.values())
 
   def generate(self, prompts, sampling_params=None, *, n: int = 1, stop_ids=(), stop_sequences=(), seed: int = 0):
     """Continue each prompt (token ids) ``n`` times. ``sampling_params``: one SamplingParams or one per prompt.
@@ -261,8 +261,7 @@ class Engine:
     rows["sample_B"] = np.tile(np.arange(n, dtype=np.int32), B)
     rows["stop_ids"] = np.broadcast_to(ids, (B * n,) + ids.shape)
     rows["stop_seqs"] = np.broadcast_to(seqs, (B * n,) + seqs.shape)
-    st = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(lens), rows, n=n)
-    st = self._decode(self.params, st)
+    st = self._prefill_decode(self.params, jnp.asarray(tokens), jnp.asarray(lens), rows, n=n)
     got = jax.device_get({k: st[k] for k in ("tokens_BS", "len_B", "n_B", "logp_BN", "finished_B")})
     res = []
     for i, p in enumerate(prompts):
