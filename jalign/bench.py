@@ -53,7 +53,10 @@ warm-up call (the "first call" column, compilation included), the median of ``--
 = B * new tokens / time), time to first token (a one-new-token call after its own warm-up) and peak RSS; best
 round per cell, ratios against transformers (and Tunix), and the fraction of greedy rows identical to
 transformers'. ``--tunix-path`` puts a directory holding Tunix (installed aside with ``pip install --target``)
-on the Tunix process's path only; without Tunix its rows are left out.
+on the Tunix process's path only; without Tunix its rows are left out. Then, at ``--bound-batches`` (1 and 64),
+jalign's greedy decode step against the memory bound: the step's time (full calls less one-token calls), the bytes
+a step must read (weights, and the keys and values held at the mean step) and the copy bandwidth measured in the
+same process (on a GPU, the HBM bound).
 
 ``rl`` times one GRPO step (one rollout, one optimizer step) on the ``generate`` model (same weights for every
 framework): 8 prompts x 4 samples, the 32-token ``gen_prompts`` written as text for a word-level tokenizer
@@ -1014,14 +1017,81 @@ def run_tunix_gen(model_dir: str, hf_dir: str, batch: int, mode: str, new_tokens
   return _gen_result(batch, new_tokens, first_s, gen_s, ttft_s, out)
 
 
-GEN_RUNNERS = {"jalign": run_jalign_gen, "transformers": run_transformers_gen, "tunix": run_tunix_gen}
+def decode_bytes_per_step(params, cfg, batch: int, attended: float) -> float:
+  """Bytes one decode step must read: every weight but the embedding table, of which it reads ``batch`` rows (all
+  of it when tied: it is the output layer too), in the dtype the weights are held in, and the keys and values of
+  ``attended`` cache slots per row in the compute dtype."""
+  import jax
+  weights = sum(x.nbytes for x in jax.tree.leaves(params))
+  embed = params["embed"]
+  if not cfg.tie_embeddings:
+    weights += batch * embed.nbytes // embed.shape[0] - embed.nbytes
+  kv = 2 * cfg.num_layers * batch * cfg.num_kv_heads * cfg.dh * attended * np.dtype(cfg.dtype).itemsize
+  return float(weights + kv)
+
+
+def read_bandwidth(nbytes: float) -> float:
+  """GB/s of reading an fp32 array of about ``nbytes`` once (a jitted sum, best of 10 calls after a warm-up): a
+  decode step's weights and cache are read, not written; on CPU a copy would mostly time the new output's pages."""
+  import jax
+  import jax.numpy as jnp
+  n = max(1024, int(nbytes) // 4 // 1024 * 1024)
+  x = jnp.ones((n,), jnp.float32)
+  f = jax.jit(lambda x: x.sum())
+  f(x).block_until_ready()
+  return 4 * n / min(_timed(lambda: f(x).block_until_ready(), 1)[0] for _ in range(10)) / 1e9
+
+
+def run_jalign_bound(model_dir: str, batch: int, new_tokens: int, prompt_len: int, reps: int = 3,
+                     large_gib: float = 0.0) -> dict:
+  """jalign's greedy decode against the memory bound: the decode step's time (``new_tokens`` minus one-token
+  calls, per step), the bytes a step must read (``decode_bytes_per_step`` at the mean attended length) and the read
+  bandwidth measured in the same process (``read_bandwidth``) on a large array (``large_gib``; default 2 GiB on a
+  GPU, 1 GiB elsewhere: the memory's bound, HBM on a GPU) and on one of the step's size (which a cache may hold)."""
+  import jax
+
+  from jalign import convert
+  from jalign.generation.engine import Engine, SamplingParams
+  cfg, params, _ = convert.read_jalign_dir(model_dir)
+  params = jax.device_put(params)
+  prompts = gen_prompts(batch, prompt_len).tolist()
+  eng = Engine(params, cfg, batch_size=batch, max_new_tokens=new_tokens, top_k_cap=0, pad_id=cfg.vocab_size - 1,
+               prompt_buckets=(prompt_len,))
+  full, one = SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, max_new_tokens=1)
+  eng.generate(prompts, full)
+  eng.generate(prompts, one)
+  full_s, _ = _timed(lambda: eng.generate(prompts, full), reps)
+  one_s, _ = _timed(lambda: eng.generate(prompts, one), reps)
+  step_s = (full_s - one_s) / (new_tokens - 1)
+  # decode step i (0-based) attends over the prompt, the first token and i new ones
+  nbytes = decode_bytes_per_step(params, cfg, batch, prompt_len + 1 + (new_tokens - 2) / 2)
+  large = read_bandwidth((large_gib or (2.0 if jax.default_backend() == "gpu" else 1.0)) * 2 ** 30)
+  sized = read_bandwidth(nbytes)
+  return {"batch": batch, "device": jax.devices()[0].device_kind, "step_s": step_s,
+          "tokens_per_sec": batch / step_s, "bytes_per_step": nbytes, "bandwidth_gbps": large,
+          "bound_tokens_per_sec": batch * large * 1e9 / nbytes, "of_bound": nbytes / (large * 1e9) / step_s,
+          "sized_bandwidth_gbps": sized, "of_sized_bound": nbytes / (sized * 1e9) / step_s}
+
+
+def print_bound_table(rows):
+  print("| device | batch | decode tokens/s | step (ms) | bytes read per step (MB) | read bandwidth, large array "
+        "(GB/s) | bound tokens/s | of bound | read bandwidth, array of the step's size (GB/s) | of that bound |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['device']} | {r['batch']} | {r['tokens_per_sec']:.0f} | {r['step_s'] * 1e3:.3f} | "
+          f"{r['bytes_per_step'] / 1e6:.1f} | {r['bandwidth_gbps']:.0f} | {r['bound_tokens_per_sec']:.0f} | "
+          f"{r['of_bound']:.0%} | {r['sized_bandwidth_gbps']:.0f} | {r['of_sized_bound']:.0%} |")
+
+
+GEN_RUNNERS = {"jalign": run_jalign_gen, "transformers": run_transformers_gen, "tunix": run_tunix_gen,
+               "jalign-bound": run_jalign_bound}
 
 
 def _gen_child(framework: str, kwargs: dict, threads: int, tunix_path: str = "") -> dict:
   # Tunix installed aside (see docs/benchmarks.md) goes on its process's path only
   return _in_child(f"GEN_RUNNERS[{framework!r}](**json.loads({json.dumps(kwargs)!r}))", threads,
                    framework == "transformers", f"{framework} ({kwargs})", tunix_path if framework == "tunix" else "",
-                   reference=framework != "jalign")
+                   reference=not framework.startswith("jalign"))
 
 
 def greedy_agreement(a, b) -> float:
@@ -1733,6 +1803,8 @@ def main(argv=None):
   p.add_argument("--compile-cache", action=argparse.BooleanOptionalAction, default=True,
                  help="sft/dpo: also time jalign's first step with a warm persistent compilation cache")
   p.add_argument("--batches", default="1,32", help="generate: batch sizes")
+  p.add_argument("--bound-batches", default="1,64", help="generate: batch sizes of the table of jalign's decode "
+                 "step against the memory bound (empty: none)")
   p.add_argument("--new-tokens", type=int, default=None, help=f"generate/serve: new tokens per row (default "
                  f"{GEN_NEW}); rl/ppo: new tokens per sample (default {RL_NEW})")
   p.add_argument("--prompt-len", type=int, default=GEN_PROMPT, help="generate, rl/ppo: prompt tokens per row")
@@ -1796,9 +1868,18 @@ def main(argv=None):
     if notes["greedy_match"]:
       print("\ngreedy rows identical to transformers' (fp32): " +
             ", ".join(f"{k} {v:.0%}" for k, v in notes["greedy_match"].items()))
+    bound = []
+    if a.bound_batches:
+      with tempfile.TemporaryDirectory(dir=a.workdir or None) as wd:
+        jdir, _ = make_gen_model(wd)
+        bound = [_gen_child("jalign-bound", dict(model_dir=jdir, batch=int(b), new_tokens=a.new_tokens,
+                                                 prompt_len=a.prompt_len, reps=a.reps), a.threads)
+                 for b in a.bound_batches.split(",")]
+      print(f"\njalign's greedy decode step against the memory bound (bytes a step reads / measured read bandwidth):")
+      print_bound_table(bound)
     if a.json:
       with open(a.json, "w") as f:
-        json.dump({"rows": rows, "notes": notes}, f, indent=2)
+        json.dump({"rows": rows, "notes": notes, "bound": bound}, f, indent=2)
     return
   if a.which == "dpo":
     frameworks = (a.frameworks or DPO_FRAMEWORKS).split(",")

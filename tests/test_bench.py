@@ -37,6 +37,38 @@ def test_jalign_and_transformers_runners_agree_on_greedy(model):
   _check(bench.run_transformers_gen(mode="top_p", **kw))
 
 
+def test_decode_bytes_per_step_by_hand():
+  """Weights (all but the embedding table, of which one row per batch row; all of it when tied) plus the keys and
+  values of the attended slots, counted by hand for a 2-layer model."""
+  import dataclasses
+
+  import jax
+
+  from jalign.models import ModelConfig, init_params
+  cfg = ModelConfig(**TINY)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  D, V, F, L, K, dh = 64, 512, 128, 2, 2, 16
+  layer = D * (D + 2 * K * dh) + D * D + 3 * D * F + 2 * D  # q, k, v; o; gate, up, down; two norms
+  untied = L * layer + D + D * V  # layers, final norm, output layer
+  for batch, attended in ((1, 10), (3, 7.5)):
+    kv = 2 * L * batch * K * dh * attended * 4
+    assert bench.decode_bytes_per_step(params, cfg, batch, attended) == 4 * (untied + batch * D) + kv
+  tied = dataclasses.replace(cfg, tie_embeddings=True)
+  tparams = init_params(tied, jax.random.PRNGKey(0))
+  assert bench.decode_bytes_per_step(tparams, tied, 2, 10) == 4 * (L * layer + D + V * D) + 2 * L * 2 * K * dh * 10 * 4
+
+
+def test_bound_runner_and_table(model, capsys):
+  jdir, _ = model
+  res = bench.run_jalign_bound(jdir, batch=2, new_tokens=4, prompt_len=32, reps=1, large_gib=0.01)
+  assert res["step_s"] > 0 and res["bandwidth_gbps"] > 0 and res["sized_bandwidth_gbps"] > 0
+  assert res["tokens_per_sec"] == pytest.approx(2 / res["step_s"])
+  assert res["bound_tokens_per_sec"] == pytest.approx(2 * res["bandwidth_gbps"] * 1e9 / res["bytes_per_step"])
+  assert res["of_bound"] == pytest.approx(res["tokens_per_sec"] / res["bound_tokens_per_sec"])
+  bench.print_bound_table([res])
+  assert f"| {res['device']} | 2 |" in capsys.readouterr().out
+
+
 def test_tunix_runner_reports_not_installed(model):
   if importlib.util.find_spec("tunix") is not None:
     pytest.skip("tunix is installed")
