@@ -1019,10 +1019,10 @@ def run_tunix_gen(model_dir: str, hf_dir: str, batch: int, mode: str, new_tokens
 
 def decode_bytes_per_step(params, cfg, batch: int, attended: float) -> float:
   """Bytes one decode step must read: every weight but the embedding table, of which it reads ``batch`` rows (all
-  of it when tied: it is the output layer too), in the dtype the weights are held in, and the keys and values of
-  ``attended`` cache slots per row in the compute dtype."""
+  of it when tied: it is the output layer too), and no value head, in the dtype the weights are held in, and the
+  keys and values of ``attended`` cache slots per row in the compute dtype."""
   import jax
-  weights = sum(x.nbytes for x in jax.tree.leaves(params))
+  weights = sum(x.nbytes for k, v in params.items() if k != "value_head" for x in jax.tree.leaves(v))
   embed = params["embed"]
   if not cfg.tie_embeddings:
     weights += batch * embed.nbytes // embed.shape[0] - embed.nbytes
@@ -1052,6 +1052,8 @@ def run_jalign_bound(model_dir: str, batch: int, new_tokens: int, prompt_len: in
 
   from jalign import convert
   from jalign.generation.engine import Engine, SamplingParams
+  if new_tokens < 2:
+    raise ValueError(f"the decode step's time needs --new-tokens of 2 or more, got {new_tokens}")
   cfg, params, _ = convert.read_jalign_dir(model_dir)
   params = jax.device_put(params)
   prompts = gen_prompts(batch, prompt_len).tolist()
@@ -1091,7 +1093,7 @@ def _gen_child(framework: str, kwargs: dict, threads: int, tunix_path: str = "")
   # Tunix installed aside (see docs/benchmarks.md) goes on its process's path only
   return _in_child(f"GEN_RUNNERS[{framework!r}](**json.loads({json.dumps(kwargs)!r}))", threads,
                    framework == "transformers", f"{framework} ({kwargs})", tunix_path if framework == "tunix" else "",
-                   reference=not framework.startswith("jalign"))
+                   reference=not framework.startswith("jalign"), any_platform=framework == "jalign-bound")
 
 
 def greedy_agreement(a, b) -> float:
@@ -1482,7 +1484,7 @@ REF_HOST_MALLOC = "default"  # --ref-host-malloc
 
 
 def _in_child(call: str, threads: int, with_torch: bool, label: str, pythonpath: str = "", env=None,
-              reference: bool = True) -> dict:
+              reference: bool = True, any_platform: bool = False) -> dict:
   """``bench.<call>`` in a fresh Python process limited to ``threads`` threads; returns the dict it prints.
   ``env`` (sft/dpo): no inherited JAX persistent compilation cache, then these variables. A ``reference``
   framework's process keeps glibc's malloc defaults and XLA's default compile level (``jalign.hostmem`` off), as its
@@ -1492,6 +1494,8 @@ def _in_child(call: str, threads: int, with_torch: bool, label: str, pythonpath:
   child_env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore",
                    TOKENIZERS_PARALLELISM="false", JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
                    PYTHONSAFEPATH="1")
+  if any_platform and "JAX_PLATFORMS" not in os.environ:
+    child_env.pop("JAX_PLATFORMS")
   child_env.pop("XLA_FLAGS", None)
   if reference and REF_HOST_MALLOC == "default":
     child_env["JALIGN_HOST_MALLOC"] = "0"

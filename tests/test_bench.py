@@ -60,8 +60,12 @@ def test_decode_bytes_per_step_by_hand():
 
 def test_bound_runner_and_table(model, capsys):
   jdir, _ = model
+  from jalign import convert
   res = bench.run_jalign_bound(jdir, batch=2, new_tokens=4, prompt_len=32, reps=1, large_gib=0.01)
-  assert res["step_s"] > 0 and res["bandwidth_gbps"] > 0 and res["sized_bandwidth_gbps"] > 0
+  cfg, params, _ = convert.read_jalign_dir(jdir)
+  # decode steps attend over 33, 34 and 35 slots (the prompt, the first token, the new ones so far): 34 on average
+  assert res["bytes_per_step"] == bench.decode_bytes_per_step(params, cfg, 2, 34)
+  assert res["bandwidth_gbps"] > 0 and res["sized_bandwidth_gbps"] > 0
   assert res["tokens_per_sec"] == pytest.approx(2 / res["step_s"])
   assert res["bound_tokens_per_sec"] == pytest.approx(2 * res["bandwidth_gbps"] * 1e9 / res["bytes_per_step"])
   assert res["of_bound"] == pytest.approx(res["tokens_per_sec"] / res["bound_tokens_per_sec"])

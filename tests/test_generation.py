@@ -40,6 +40,7 @@ def _greedy_by_full_forward(params, cfg, prompt, n):
 @pytest.mark.parametrize("name, overrides, lora, block", [
     ("gqa", {}, 0.0, 64),
     ("gqa_phases", {}, 0.0, 4),  # attended lengths 4, 8, 16, 28: the longest prompt (14) starts in the third
+    ("cudnn_blocks", {"attention": "cudnn"}, 0.0, 4),  # blocks concatenated for a kernel (the reference on CPU)
     ("mqa_sliding_window", {"num_kv_heads": 1, "sliding_window": 5}, 0.0, 64),
     ("lora", {"lora_rank": 4, "lora_targets": ("q", "v", "down")}, 0.3, 64),
     ("qkv_bias_tied", {"qkv_bias": True, "tie_embeddings": True}, 0.0, 64),

@@ -229,9 +229,9 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
 
 def rope_tables(positions_BT, inv_freq, max_position: int = 0):
   """cos, sin [B, T, 1, Dh/2] for rotate-half RoPE, computed once per forward pass. ``max_position``: positions
-  lie below it, and the values are gathered from tables over 0 .. max_position - 1 (constants XLA computes at
-  compile time: a decode step then computes no cos/sin, which XLA:CPU otherwise recomputes in every layer's
-  rotation for each head)."""
+  lie below it, and the values are gathered from tables over 0 .. max_position - 1, which do not depend on the
+  positions (XLA computes them once, outside a decode loop): a decode step then computes no cos/sin, which XLA:CPU
+  otherwise recomputes in every layer's rotation for each head."""
   if not max_position:
     freqs_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
     return jnp.cos(freqs_BTF)[:, :, None, :], jnp.sin(freqs_BTF)[:, :, None, :]
@@ -324,10 +324,11 @@ CACHE_BLOCK = 64  # the first block of a blocked cache; the next ones double the
 
 
 def cache_blocks(cfg: ModelConfig, length: int, block: int = CACHE_BLOCK) -> list[int]:
-  """The slots in each block of a ``length``-slot cache. The XLA attention's cache is blocked at block, 2 block,
-  4 block, ... slots, so that a decode step reads only the blocks that hold its rows' tokens, each in place
-  (a step's cost follows the longest sequence, not the cache's size); the kernels read one block."""
-  if not k_cache_transposed(cfg):
+  """The slots in each block of a ``length``-slot cache: blocks end at block, 2 block, 4 block, ... slots, so that
+  a decode step reads only the blocks that hold its rows' tokens (its cost follows the longest sequence, not the
+  cache's size); the XLA attention reads each block in place, cuDNN a concatenated copy of them. The Pallas decode
+  kernel reads one block up to each row's length."""
+  if cfg.attention == "pallas":
     return [length]
   ends, n = [], block
   while n < length:
@@ -405,7 +406,12 @@ def _block(cfg: ModelConfig, rope, x_BTD, layer, lora, positions_BT, segment_ids
     def over(n):  # attention over the first n blocks of the cache
       def f(q, ks, vs):
         S = sum(b.shape[2] for b in vs[:n])
-        ks, vs = (ks[:n], vs[:n]) if n > 1 else (ks[0], vs[0])
+        if n == 1:
+          ks, vs = ks[0], vs[0]
+        elif k_transposed:  # the XLA attention takes the blocks as they are
+          ks, vs = ks[:n], vs[:n]
+        else:  # a kernel takes one array: a copy of the blocks read
+          ks, vs = jnp.concatenate(ks[:n], axis=2), jnp.concatenate(vs[:n], axis=2)
         return attention(q, ks, vs, jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)))
       return f
     n_blocks = len(kv["v"])
