@@ -55,8 +55,8 @@ round per cell, ratios against transformers (and Tunix), and the fraction of gre
 transformers'. ``--tunix-path`` puts a directory holding Tunix (installed aside with ``pip install --target``)
 on the Tunix process's path only; without Tunix its rows are left out. Then, at ``--bound-batches`` (1 and 64),
 jalign's greedy decode step against the memory bound: the step's time (full calls less one-token calls), the bytes
-a step must read (weights, and the keys and values held at the mean step) and the copy bandwidth measured in the
-same process (on a GPU, the HBM bound).
+a step must read (weights, and the keys and values held at the mean step) and the read bandwidth measured in the
+same process on a large array (on a GPU, the HBM bound) and on an array of the step's size.
 
 ``rl`` times one GRPO step (one rollout, one optimizer step) on the ``generate`` model (same weights for every
 framework): 8 prompts x 4 samples, the 32-token ``gen_prompts`` written as text for a word-level tokenizer
